@@ -1,0 +1,1 @@
+"""The ``nagl`` command line. Each module adds its commands through ``register(app)``."""

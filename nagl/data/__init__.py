@@ -1,0 +1,1 @@
+"""Datasets: the registry, builders and converters, the canonical layout, validation, DVC."""

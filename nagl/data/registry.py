@@ -1,0 +1,101 @@
+"""The dataset registry: ``config/datasets.yaml`` names every dataset and how to build it.
+
+An entry is ``name: {kind: ..., domain: ..., <kind options>}``. ``kind`` picks a
+builder registered with :func:`register_builder`; a builder writes the dataset in
+the canonical (MVTec AD) layout into a staging folder. Everything after that
+(image normalisation, validation, manifest, DVC versioning) is the same for every
+dataset and lives in ``nagl.data.prepare``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from nagl.errors import NaglError
+from nagl.settings import project_dir
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+Builder = Callable[["DatasetSpec", Path], None]
+_BUILDERS: dict[str, Builder] = {}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    kind: str
+    domain: str
+    options: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def register_builder(kind: str):
+    """Register ``build(spec, out_dir)`` for datasets of ``kind``."""
+
+    def decorate(builder: Builder) -> Builder:
+        if kind in _BUILDERS:
+            raise ValueError(f"builder for kind {kind!r} registered twice")
+        _BUILDERS[kind] = builder
+        return builder
+
+    return decorate
+
+
+def builder_for(kind: str) -> Builder:
+    _import_builders()
+    if kind not in _BUILDERS:
+        raise NaglError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(sorted(_BUILDERS))}")
+    return _BUILDERS[kind]
+
+
+def known_kinds() -> list[str]:
+    _import_builders()
+    return sorted(_BUILDERS)
+
+
+def _import_builders() -> None:
+    # Importing the modules registers their builders.
+    from nagl.data import converters, embedded  # noqa: F401
+
+
+def registry_path() -> Path:
+    return project_dir() / "config" / "datasets.yaml"
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
+    """Read and check the registry; errors name the file and the entry."""
+    path = Path(path) if path else registry_path()
+    if not path.is_file():
+        raise NaglError(f"dataset registry {path} not found; run nagl from the project folder "
+                        f"or set NAGL_HOME to it")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise NaglError(f"{path}: not valid YAML: {error}") from error
+    entries = raw.get("datasets")
+    if not isinstance(entries, dict) or not entries:
+        raise NaglError(f"{path}: expected a top-level 'datasets:' mapping of name -> entry")
+    specs = {}
+    for name, entry in entries.items():
+        where = f"{path}: dataset {name!r}"
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise NaglError(f"{where}: names use lower-case letters, digits, '-' and '_'")
+        if not isinstance(entry, dict) or "kind" not in entry or "domain" not in entry:
+            raise NaglError(f"{where}: needs at least 'kind' and 'domain'")
+        options = {k: v for k, v in entry.items() if k not in ("kind", "domain", "description")}
+        specs[name] = DatasetSpec(name=name, kind=str(entry["kind"]), domain=str(entry["domain"]),
+                                  options=options, description=str(entry.get("description", "")))
+    return specs
+
+
+def get_spec(name: str, path: str | Path | None = None) -> DatasetSpec:
+    specs = load_registry(path)
+    if name not in specs:
+        raise NaglError(f"dataset {name!r} is not in the registry {path or registry_path()}; "
+                        f"known: {', '.join(sorted(specs))}")
+    return specs[name]

@@ -1,0 +1,1 @@
+"""Frozen backbones, their weights, and the on-disk feature cache."""

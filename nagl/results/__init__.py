@@ -1,0 +1,1 @@
+"""Results: the DuckDB schema, ingestion of evaluation cells, read-only queries."""
