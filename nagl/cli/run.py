@@ -1,9 +1,166 @@
-"""`nagl` commands: run."""
+"""`nagl run` (the whole matrix through Snakemake) and `nagl step ...` (what its rules run)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
 import typer
+from rich.console import Console
+
+from nagl.errors import NaglError
+
+console = Console(stderr=True)
+
+step_app = typer.Typer(help="Single workflow steps, as Snakemake's rules run them.", no_args_is_help=True)
+
+
+def _threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+@step_app.command("features")
+def step_features(
+    dataset: str = typer.Argument(..., help="dataset name"),
+    config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
+    out: Path = typer.Option(..., help="summary JSON to write when done"),
+    threads: int = typer.Option(1, help="torch threads"),
+) -> None:
+    """Compute the patch features of every image of DATASET into the feature cache."""
+    from nagl.config import read_effective_config
+    from nagl.data.layout import read_manifest
+    from nagl.data.prepare import dataset_path
+    from nagl.evaluate import feature_cache
+    from nagl.io import atomic_write_json
+    from nagl.models.backbones import create_backbone
+
+    _threads(threads)
+    settings = read_effective_config(config)
+    backbone = create_backbone(settings["backbone"], settings["image_size"])
+    manifest = read_manifest(dataset_path(dataset))
+    cache = feature_cache(backbone)
+    start = time.perf_counter()
+    computed = cache.ensure([dataset_path(dataset) / p for p in manifest["image_path"]],
+                            list(manifest["image_sha256"]))
+    seconds = time.perf_counter() - start
+    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity,
+                            "images": len(manifest), "computed": computed, "seconds": seconds,
+                            "images_per_second": computed / seconds if computed else None})
+
+
+@step_app.command("train")
+def step_train(
+    method: str = typer.Option(...),
+    source: str = typer.Option(...),
+    config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
+    out: Path = typer.Option(..., help="model.json of the checkpoint folder"),
+    threads: int = typer.Option(1, help="torch threads"),
+) -> None:
+    """Train METHOD on SOURCE with the config's training profile (source data only)."""
+    from nagl.config import read_effective_config
+    from nagl.train import train_from_config
+
+    _threads(threads)
+    train_from_config(read_effective_config(config), method, source, Path(out).parent)
+
+
+@step_app.command("evaluate")
+def step_evaluate(
+    method: str = typer.Option(...),
+    source: str = typer.Option(..., help="source dataset, or '-' for training-free methods"),
+    target: str = typer.Option(...),
+    config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
+    out: Path = typer.Option(..., help="job summary JSON to write when done"),
+    threads: int = typer.Option(1, help="torch threads"),
+) -> None:
+    """Evaluate every cell of (METHOD, SOURCE, TARGET); finished cells are skipped."""
+    from nagl.config import read_effective_config
+    from nagl.evaluate import evaluate_job
+    from nagl.io import atomic_write_json
+
+    _threads(threads)
+    start = time.perf_counter()
+    cells = evaluate_job(read_effective_config(config), method, source, target)
+    atomic_write_json(out, {"method": method, "source": source, "target": target,
+                            "cells": cells, "seconds": time.perf_counter() - start})
+
+
+@step_app.command("ingest")
+def step_ingest(
+    jobs: list[Path] = typer.Argument(..., help="job summary JSON files of the evaluate rule"),
+    config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
+    out: Path = typer.Option(..., help="the DuckDB file to (re)build"),
+) -> None:
+    """Load the cells listed by JOBS into a new database, atomically replacing OUT."""
+    from nagl.config import read_effective_config
+    from nagl.ingest import ingest_run
+
+    summary = ingest_run(read_effective_config(config), jobs, out)
+    console.print(summary)
+
+
+@contextlib.contextmanager
+def _exclusive_run(workdir: Path) -> Iterator[None]:
+    """One `nagl run` per project at a time; lets us clear a stale Snakemake lock safely."""
+    lock_dir = workdir / ".snakemake"
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / "nagl-run.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NaglError(f"another `nagl run` is running in {workdir}; wait for it to finish") from None
+        yield
+
+
+def run_workflow(config_file: Optional[Path], cores: int, dry_run: bool, targets: list[str] | None = None,
+                 workdir: Path | None = None) -> dict:
+    """Run (or dry-run) the Snakemake workflow through its Python API."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings,
+                                          OutputSettings, ResourceSettings)
+
+    from nagl.config import load_config
+    from nagl.settings import project_dir
+
+    workdir = (workdir or project_dir()).resolve()
+    config_path = (config_file or workdir / "config" / "config.yaml").resolve()
+    config = load_config(config_path)  # clear errors before Snakemake starts
+    snakefile = workdir / "Snakefile"
+    if not snakefile.is_file():
+        raise NaglError(f"{snakefile} not found; run nagl from the project folder or set NAGL_HOME")
+    with _exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=cores, resources={"dvc": 1}),
+            config_settings=ConfigSettings(configfiles=[config_path], replace_workflow_config=True),
+            snakefile=snakefile, workdir=workdir)
+        dag = workflow.dag(DAGSettings(targets=frozenset(targets or ())))
+        if not dry_run:
+            dag.unlock()  # a lock left by a killed run; no other run holds it (see _exclusive_run)
+        dag.execute_workflow(executor="dryrun" if dry_run else "local",
+                             execution_settings=ExecutionSettings(keep_going=False))
+    return {"database": workdir / config["results"] / "benchmark.duckdb", "report": workdir / config["report"]}
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the `nagl` app."""
+    """Add `run` and the `step` group to the `nagl` app."""
+    app.add_typer(step_app, name="step")
+
+    @app.command("run")
+    def run(
+        config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                              help="run config (default: config/config.yaml)"),
+        cores: int = typer.Option(os.cpu_count() or 1, "--cores", "-j", help="CPU cores to use"),
+        dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would run"),
+    ) -> None:
+        """Regenerate the whole matrix: datasets, features, training, evaluation, database, report."""
+        paths = run_workflow(config, cores, dry_run)
+        if dry_run:
+            console.print("[bold]dry run:[/] nothing was executed")
+        else:
+            console.print(f"[bold green]done.[/] database: {paths['database']}\n      report:   {paths['report']}")

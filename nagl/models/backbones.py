@@ -11,6 +11,9 @@ Add a backbone with ``@register_backbone("name")`` on a factory that returns a
 from __future__ import annotations
 
 import functools
+import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -53,10 +56,26 @@ def create_backbone(name: str, image_size: int | None = None, **kwargs) -> "Back
     return backbone
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of a weights file's sha256.
+
+    Cached per process by (path, size, modification time), so a file replaced in
+    place is hashed again.
+    """
+    stat = os.stat(path)
+    return _digest(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=32)
-def weights_digest(path: str) -> str:
-    """First 16 hex digits of a weights file's sha256 (cached per process)."""
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)[:16]
+
+
+def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """Build a module under a fixed seed without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 class Backbone(nn.Module):

@@ -1,0 +1,5 @@
+"""``python -m nagl``: the same as the ``nagl`` command."""
+
+from nagl.cli.main import app
+
+app()

@@ -1,0 +1,339 @@
+"""What every method shares: the interface, reference preparation, post-processing.
+
+A method turns cached patch features into a patch-level anomaly map ``S`` of shape
+``(Q, h, w)``, higher = more anomalous. Everything after that is shared, so all
+methods are compared on the same footing:
+
+- :func:`anomaly_maps` - bilinear upsampling to the evaluation size, then a Gaussian
+  blur (sigma 4 px);
+- :func:`image_scores` - mean of the top 1 % of patch scores (at least one patch).
+
+:func:`prepare_references` holds the reference rules all methods follow: which
+patches form the normal bank, which patches of an abnormal reference are abnormal,
+and the pseudo-mask for an abnormal reference without a usable mask.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from nagl.errors import NaglError
+from nagl.io import atomic_write_json, read_json, stable_hash
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "model.json"
+
+MaskInput = torch.Tensor | Sequence[torch.Tensor | None] | None
+
+
+# ------------------------------------------------------------------ helpers --
+
+def infer_grid(n_patches: int, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The patch grid ``(h, w)``: ``grid`` checked against ``G``, or the square root of ``G``."""
+    if grid is not None:
+        h, w = int(grid[0]), int(grid[1])
+        if h * w != n_patches:
+            raise NaglError(f"grid {h}x{w} does not match {n_patches} patches per image; "
+                            f"pass the backbone's grid")
+        return h, w
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise NaglError(f"{n_patches} patches per image is not a square grid; pass grid=(h, w)")
+    return side, side
+
+
+def top_k_count(n_patches: int, per_1024: float = 20.0) -> int:
+    """``k`` scaled with the grid: ``per_1024`` patches at a 32x32 grid, at least one."""
+    return max(1, min(n_patches, round(per_1024 * n_patches / 1024)))
+
+
+def top_k_mean(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` largest values over all but the first dimension."""
+    flat = values.reshape(values.shape[0], -1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``x`` ``(..., N, C)`` with every row of ``y`` ``(M, C)``."""
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(-1, -2)
+
+
+def similarity(cos: torch.Tensor) -> torch.Tensor:
+    """``sim = (1 + cos) / 2``, in [0, 1]."""
+    return (1.0 + cos) / 2.0
+
+
+def nearest_normal(x: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of ``x`` ``(N, C)``: ``sim`` to its cosine nearest bank patch, and the residual.
+
+    Returns ``(s (N,), residual (N, C))`` with ``residual = x - bank[nn]``.
+    """
+    cos = cosine_matrix(x, bank)
+    best, index = cos.max(dim=-1)
+    return similarity(best), x - bank[index]
+
+
+def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """``s_n`` of every query patch: max ``sim`` over the bank, ``(Q, G)``; computed per chunk."""
+    bank_n = F.normalize(bank, dim=-1)
+    out = [similarity((F.normalize(part, dim=-1) @ bank_n.T).amax(dim=-1))
+           for part in query.split(chunk)]
+    return torch.cat(out) if out else query.new_zeros((0, query.shape[1]))
+
+
+# -------------------------------------------------------------- references --
+
+@dataclass
+class References:
+    """Prepared reference set of one episode or test setting.
+
+    ``bank`` ``(M, C)``: the normal patches every query and abnormal patch is matched
+    against. ``abnormal`` ``(k2, G, C)`` and ``patch_mask`` ``(k2, G)`` bool: which
+    patches of each abnormal reference are abnormal (pooled, or the pseudo-mask).
+    ``pseudo`` ``(k2,)`` bool marks references whose mask is a pseudo-mask.
+    """
+
+    bank: torch.Tensor
+    abnormal: torch.Tensor
+    patch_mask: torch.Tensor
+    pseudo: torch.Tensor
+
+    @property
+    def k_abnormal(self) -> int:
+        return self.abnormal.shape[0]
+
+
+def pool_masks(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks ``(k, S, S)`` to patch masks ``(k, h*w)``: a patch is abnormal when
+    any mask pixel inside its cell is (adaptive max-pooling covers every pixel)."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0, grid[0] * grid[1]), dtype=torch.bool)
+    pooled = F.adaptive_max_pool2d(masks.float()[:, None], grid)
+    return (pooled[:, 0] > 0).reshape(masks.shape[0], -1)
+
+
+def pseudo_mask(features: torch.Tensor, bank: torch.Tensor, count: int) -> torch.Tensor:
+    """Pseudo-mask of an abnormal reference without a usable mask: its ``count`` patches
+    with the largest residual norm against the normal bank. ``features`` ``(G, C)`` -> ``(G,)`` bool."""
+    _, residual = nearest_normal(features, bank)
+    chosen = residual.norm(dim=-1).topk(min(count, features.shape[0])).indices
+    mask = torch.zeros(features.shape[0], dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
+def _mask_list(abnormal_masks: MaskInput, k2: int) -> list[torch.Tensor | None]:
+    if abnormal_masks is None:
+        return [None] * k2
+    masks = list(abnormal_masks)
+    if len(masks) != k2:
+        raise NaglError(f"got {len(masks)} abnormal masks for {k2} abnormal references; "
+                        f"pass one mask per abnormal reference (None or all-zero where there is none)")
+    return masks
+
+
+def prepare_references(normal: torch.Tensor | None, abnormal: torch.Tensor | None,
+                       abnormal_masks: MaskInput, grid: tuple[int, int],
+                       pseudo_count: int | None = None,
+                       patch_masks: torch.Tensor | None = None) -> References:
+    """Apply the reference rules shared by all methods.
+
+    - The normal bank is every patch of the normal references; with none (``k1 = 0``)
+      it is the non-abnormal patches of the abnormal references that have a mask.
+    - An abnormal reference's mask is max-pooled to the grid. If it has no mask, or
+      the pooled mask is empty, its pseudo-mask is its ``pseudo_count`` patches with
+      the largest residuals against the bank (default :func:`top_k_count`, 20 patches
+      at 32x32).
+    - ``k1 = k2 = 0`` is an error.
+
+    ``patch_masks`` ``(k2, G)`` bool may be given instead of pixel masks (training
+    pools masks once, up front).
+    """
+    g = grid[0] * grid[1]
+    if normal is None:
+        normal = torch.zeros((0, g, 0))
+    if abnormal is None:
+        abnormal = torch.zeros((0, g, normal.shape[-1]))
+    k1, k2 = normal.shape[0], abnormal.shape[0]
+    if k1 == 0 and k2 == 0:
+        raise NaglError("no references: give at least one normal or one abnormal reference image")
+    for name, tensor in (("normal", normal), ("abnormal", abnormal)):
+        if tensor.shape[0] and (tensor.ndim != 3 or tensor.shape[1] != g):
+            raise NaglError(f"{name} references have shape {tuple(tensor.shape)}; "
+                            f"expected (k, {g}, C) for the grid {grid[0]}x{grid[1]}")
+    if k1 and k2 and normal.shape[2] != abnormal.shape[2]:
+        raise NaglError(f"normal features have width {normal.shape[2]}, abnormal {abnormal.shape[2]}; "
+                        f"use features of one backbone")
+
+    if patch_masks is None:
+        given = [m for m in _mask_list(abnormal_masks, k2)]
+        patch_masks = torch.zeros((k2, g), dtype=torch.bool)
+        for j, mask in enumerate(given):
+            if mask is not None:
+                patch_masks[j] = pool_masks(torch.as_tensor(mask)[None], grid)[0]
+    else:
+        patch_masks = patch_masks.clone().bool()
+    missing = ~patch_masks.any(dim=1)
+
+    if k1:
+        bank = normal.reshape(-1, normal.shape[-1])
+    else:
+        keep = patch_masks[~missing]
+        bank = abnormal[~missing][~keep] if keep.numel() else abnormal.new_zeros((0, abnormal.shape[-1]))
+        if bank.shape[0] == 0:
+            raise NaglError("no normal references and no abnormal reference with a usable mask: "
+                            "with k_normal = 0 every abnormal reference set needs at least one mask "
+                            "that marks part (not all) of its image")
+    count = pseudo_count or top_k_count(g)
+    for j in torch.nonzero(missing).flatten().tolist():
+        patch_masks[j] = pseudo_mask(abnormal[j], bank, count)
+    return References(bank=bank, abnormal=abnormal, patch_mask=patch_masks, pseudo=missing)
+
+
+# ---------------------------------------------------------- post-processing --
+
+def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return kernel / kernel.sum()
+
+
+def anomaly_maps(S: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
+    """Patch maps ``(Q, h, w)`` to pixel maps ``(Q, size, size)``.
+
+    Bilinear upsampling (``align_corners=False``), then a separable Gaussian blur of
+    ``sigma`` pixels truncated at 4 sigma, with mirror padding at the borders.
+    """
+    if S.ndim != 3:
+        raise NaglError(f"expected patch maps of shape (Q, h, w), got {tuple(S.shape)}")
+    maps = F.interpolate(S.float()[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        radius = min(int(4 * sigma + 0.5), size - 1)
+        kernel = gaussian_kernel(sigma, radius)
+        maps = F.pad(maps, (radius, radius, 0, 0), mode="reflect")
+        maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
+        maps = F.pad(maps, (0, 0, radius, radius), mode="reflect")
+        maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))
+    return maps[:, 0]
+
+
+def image_scores(S: torch.Tensor) -> torch.Tensor:
+    """Image score per query: mean of the top 1 % of its patch scores (at least one)."""
+    k = max(1, int(0.01 * S[0].numel())) if S.shape[0] else 1
+    return top_k_mean(S.float(), k)
+
+
+# ---------------------------------------------------------------- interface --
+
+class Method(ABC):
+    """A detector behind the common interface.
+
+    ``config`` holds the method's own settings (hashed into ``config_hash``);
+    ``dim`` is the feature width C of the backbone it works on.
+    """
+
+    name: ClassVar[str]
+    trainable: ClassVar[bool]
+
+    def __init__(self, dim: int, **config: Any):
+        if int(dim) <= 0:
+            raise NaglError(f"feature width must be positive, got dim={dim}")
+        self.dim = int(dim)
+        self.config: dict[str, Any] = dict(config)
+
+    @abstractmethod
+    def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
+              abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
+              grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Patch anomaly maps ``(Q, h, w)`` of the queries given the references."""
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(total, trainable)`` parameters of the head (the backbone not included)."""
+        return 0, 0
+
+    def config_hash(self) -> str:
+        return stable_hash({"method": self.name, "dim": self.dim, "config": self.config})
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "dim": self.dim, "config": self.config}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise NaglError(f"{self.name} has no weights, but the checkpoint holds {len(state)} tensors")
+
+    def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``weights.safetensors`` (weights only) and ``model.json`` into the folder ``path``.
+
+        ``model.json`` (config plus ``metadata``) is written last, so its presence marks
+        a complete checkpoint.
+        """
+        from safetensors.torch import save_file
+
+        from nagl.io import atomic_path
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        atomic_write_json(folder / CONFIG_FILE, {**(metadata or {}), **self.describe()})
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Method":
+        return load_method(path)
+
+
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """``(weights, model.json)`` of a checkpoint given as its folder or either file."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not path.exists():
+        raise NaglError(f"checkpoint {path} does not exist; pass the folder written by `nagl train`")
+    if not config.is_file():
+        raise NaglError(f"checkpoint {folder}: {CONFIG_FILE} is missing; pass the folder written "
+                        f"by `nagl train` (it holds {WEIGHTS_FILE} and {CONFIG_FILE})")
+    return weights, config
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    _, config = checkpoint_files(path)
+    try:
+        info = read_json(config)
+    except (OSError, ValueError) as error:
+        raise NaglError(f"checkpoint config {config} is unreadable: {error}; retrain or restore it") from error
+    if not isinstance(info, dict) or "method" not in info or "dim" not in info:
+        raise NaglError(f"checkpoint config {config} lacks 'method' and 'dim'; it was not written by nagl")
+    return info
+
+
+def load_method(path: str | Path) -> Method:
+    """A method restored from a checkpoint folder (or its ``weights.safetensors`` / ``model.json``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from nagl.methods import create_method
+
+    weights, _ = checkpoint_files(path)
+    info = read_checkpoint_config(path)
+    method = create_method(info["method"], info["dim"], **info.get("config", {}))
+    if weights.is_file():
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as error:
+            raise NaglError(f"checkpoint weights {weights} are unreadable: {error}; retrain or restore them") from error
+        method.load_state_dict(state)
+    elif method.trainable:
+        raise NaglError(f"checkpoint {weights} is missing; {info['method']} needs its trained weights")
+    return method

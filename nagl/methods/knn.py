@@ -1,0 +1,50 @@
+"""Training-free nearest-neighbour peers of NAGL.
+
+- ``knn-normal`` (PatchCore / AnomalyDINO style): ``S = 1 - s_n``, where ``s_n`` is
+  the best ``sim`` of a query patch over the normal bank. It is NAGL with no
+  abnormal reference.
+- ``knn-naive`` (the paper's "naive normal + abnormal nearest neighbour" ablation):
+  ``S = (s_abn + 1 - s_n) / 2``, ``s_abn`` = the best ``sim`` of a query patch over
+  the abnormal patches of the abnormal references (mask pooled to the grid, or the
+  pseudo-mask). With no abnormal reference it equals ``knn-normal``.
+
+Both follow the shared reference rules of :func:`nagl.methods.base.prepare_references`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nagl.methods.base import MaskInput, Method, infer_grid, normal_scores, prepare_references
+
+
+class KnnNormal(Method):
+    name = "knn-normal"
+    trainable = False
+
+    @torch.no_grad()
+    def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
+              abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
+              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
+        h, w = grid = infer_grid(query.shape[1], grid)
+        refs = prepare_references(normal, abnormal, abnormal_masks, grid)
+        return (1.0 - normal_scores(query.float(), refs.bank, chunk)).reshape(-1, h, w)
+
+
+class KnnNaive(Method):
+    name = "knn-naive"
+    trainable = False
+
+    @torch.no_grad()
+    def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
+              abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
+              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
+        h, w = grid = infer_grid(query.shape[1], grid)
+        query = query.float()
+        refs = prepare_references(normal, abnormal, abnormal_masks, grid)
+        s_n = normal_scores(query, refs.bank, chunk)
+        if refs.k_abnormal == 0:
+            return (1.0 - s_n).reshape(-1, h, w)
+        abnormal_patches = refs.abnormal[refs.patch_mask]
+        s_abn = normal_scores(query, abnormal_patches, chunk)
+        return ((s_abn + 1.0 - s_n) / 2.0).reshape(-1, h, w)

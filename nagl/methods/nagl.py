@@ -1,0 +1,241 @@
+"""NAGL: Normal-Abnormal Guided generalist anomaly detection (NeurIPS 2025).
+
+Forward pass (``/work/shared/spec/nagl-method.md``, ``docs/methods.md``):
+
+1. ``s_n(i)`` = max ``sim`` of query patch ``i`` over the normal bank;
+2. abnormal-reference masks max-pooled to the grid (pseudo-mask where unusable);
+3. residuals against the cosine nearest normal patch: ``r_A``, ``r_q``;
+4. Residual Mining: ``P`` learnable proxies cross-attend to the abnormal patches
+   (keys ``F_A + pos``, values ``r_A``), then self-attend -> ``R_p``;
+5. Anomaly Feature Learning: ``R_p`` cross-attends to the query (keys ``r_q + pos``,
+   values ``F_q``), then self-attends -> ``Q_a``;
+6. ``s_a(i)`` = mean over proxies of ``sim(F_q(i), Q_a(m))``;
+7. ``S = (s_a + 1 - s_n) / 2``; with no abnormal reference ``S = 1 - s_n``.
+
+Every attention layer is multi-head attention without dropout, a residual
+connection and a LayerNorm after it; no feed-forward block. The head count is the
+largest number <= ``heads`` (4) that divides the feature width C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nagl.errors import NaglError
+from nagl.methods.base import (
+    MaskInput,
+    Method,
+    References,
+    infer_grid,
+    nearest_normal,
+    normal_scores,
+    prepare_references,
+    similarity,
+)
+
+
+def head_count(dim: int, max_heads: int = 4) -> int:
+    """Largest head count <= ``max_heads`` that divides ``dim`` (1 always does)."""
+    return next(h for h in range(max(1, max_heads), 0, -1) if dim % h == 0)
+
+
+def _sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    pairs = max(1, (dim + 1) // 2)
+    freq = 1.0 / (10000.0 ** (torch.arange(pairs, dtype=torch.float32) / pairs))
+    angles = positions.float()[:, None] * freq[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)[:, :dim]
+
+
+def position_encoding(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2-D sinusoidal encoding ``(h*w, dim)`` in raster order (row-major), like the
+    backbone's patches: the first ``dim // 2`` channels encode the row, the rest the column."""
+    h, w = grid
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    return torch.cat([_sincos_1d(rows, dim // 2), _sincos_1d(cols, dim - dim // 2)], dim=1)
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head attention (no dropout) + residual + LayerNorm after it."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"{heads} heads do not divide width {dim}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(B, Lq, C)`` attends to ``keys``/``values`` ``(B, Lk, C)``.
+
+        ``allowed`` ``(B, Lk)`` bool: the keys each batch item may attend to. It is
+        laid out batch-major and broadcast over heads and queries explicitly, so item
+        ``b`` only ever sees its own mask.
+        """
+        b, lq, c = x.shape
+        lk = keys.shape[1]
+        d = c // self.heads
+
+        def split(t: torch.Tensor, length: int) -> torch.Tensor:
+            return t.reshape(b, length, self.heads, d).transpose(1, 2)
+
+        q, k, v = split(self.q(x), lq), split(self.k(keys), lk), split(self.v(values), lk)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, heads, Lq, Lk)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        attended = logits.softmax(dim=-1) @ v
+        attended = attended.transpose(1, 2).reshape(b, lq, c)
+        return self.norm(x + self.out(attended))
+
+
+class NaglHead(nn.Module):
+    """The trainable part: ``P`` proxies, Residual Mining and Anomaly Feature Learning."""
+
+    def __init__(self, dim: int, proxies: int = 25, heads: int = 4):
+        super().__init__()
+        self.dim = dim
+        self.heads = head_count(dim, heads)
+        self.proxies = nn.Parameter(torch.randn(proxies, dim) * 0.02)
+        self.rm_cross = AttentionLayer(dim, self.heads)
+        self.rm_self = AttentionLayer(dim, self.heads)
+        self.afl_cross = AttentionLayer(dim, self.heads)
+        self.afl_self = AttentionLayer(dim, self.heads)
+
+    def residual_proxies(self, keys: torch.Tensor, values: torch.Tensor,
+                         allowed: torch.Tensor) -> torch.Tensor:
+        """Residual Mining: ``keys`` (``F_A + pos``), ``values`` (``r_A``) ``(B, L, C)``,
+        ``allowed`` ``(B, L)`` -> ``R_p`` ``(B, P, C)``."""
+        x = self.proxies[None].expand(keys.shape[0], -1, -1)
+        x = self.rm_cross(x, keys, values, allowed)
+        return self.rm_self(x, x, x)
+
+    def anomaly_proxies(self, residual_proxies: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor) -> torch.Tensor:
+        """Anomaly Feature Learning: ``R_p`` ``(B, P, C)`` attends to the query (keys
+        ``r_q + pos``, values ``F_q``) -> ``Q_a`` ``(B, P, C)``."""
+        x = self.afl_cross(residual_proxies, keys, values)
+        return self.afl_self(x, x, x)
+
+
+def _abnormal_tokens(refs: References, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys ``F_A + pos``, values ``r_A`` and the allowed mask of all abnormal references
+    concatenated, ``(k2*G, C)``; the encoding is repeated per reference in key order."""
+    k2, g, c = refs.abnormal.shape
+    flat = refs.abnormal.reshape(k2 * g, c)
+    _, residual = nearest_normal(flat, refs.bank)
+    keys = flat + pos.repeat(k2, 1)
+    return keys, residual, refs.patch_mask.reshape(k2 * g)
+
+
+def abnormal_guided(query: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
+    """``s_a`` ``(B, G)``: mean over the proxies ``(B, P, C)`` of ``sim`` with each query patch."""
+    cos = F.normalize(query, dim=-1) @ F.normalize(anomaly, dim=-1).transpose(1, 2)
+    return similarity(cos).mean(dim=-1)
+
+
+class NaglMethod(Method):
+    """NAGL behind the :class:`~nagl.methods.base.Method` interface.
+
+    ``seed`` only sets the initial weights (training overwrites them, a checkpoint
+    replaces them); it is not part of the method's config.
+    """
+
+    name = "nagl"
+    trainable = True
+
+    def __init__(self, dim: int, proxies: int = 25, heads: int = 4, seed: int = 0):
+        super().__init__(dim, proxies=int(proxies), heads=int(heads))
+        if int(proxies) < 1:
+            raise NaglError(f"nagl: proxies must be >= 1, got {proxies}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = NaglHead(self.dim, int(proxies), int(heads))
+        self.head.eval()
+        self._pos: dict[tuple[int, int], torch.Tensor] = {}
+
+    def position(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid not in self._pos:
+            self._pos[grid] = position_encoding(grid, self.dim)
+        return self._pos[grid]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        params = list(self.head.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.head.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.head.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            raise NaglError(f"nagl checkpoint does not fit a head of width {self.dim}: "
+                            f"tensors {sorted(state)[:3]}... with other names or shapes")
+        self.head.load_state_dict(state)
+
+    def _check(self, features: torch.Tensor | None, what: str) -> None:
+        if features is not None and features.shape[0] and features.shape[-1] != self.dim:
+            raise NaglError(f"nagl: {what} features have width {features.shape[-1]}, this model "
+                            f"expects {self.dim}; use the backbone the checkpoint was trained with")
+
+    def episode_maps(self, query: torch.Tensor, references: Sequence[References],
+                     grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(s_n, s_a)`` of ``B`` queries ``(B, G, C)``, each with its own references.
+
+        ``s_a`` is None when no query has abnormal references. Items with different
+        numbers of abnormal patches are padded and the padding masked out, so the
+        batch gives the same maps as its items one by one.
+        """
+        pos = self.position(grid)
+        s_n, r_q = [], []
+        for q, refs in zip(query, references):
+            s, r = nearest_normal(q, refs.bank)
+            s_n.append(s)
+            r_q.append(r)
+        s_n_t = torch.stack(s_n)
+        if any(refs.k_abnormal == 0 for refs in references):
+            if all(refs.k_abnormal == 0 for refs in references):
+                return s_n_t, None
+            raise NaglError("nagl: a batch mixes items with and without abnormal references")
+        tokens = [_abnormal_tokens(refs, pos) for refs in references]
+        length = max(t[0].shape[0] for t in tokens)
+        keys = query.new_zeros((len(tokens), length, self.dim))
+        values = torch.zeros_like(keys)
+        allowed = torch.zeros((len(tokens), length), dtype=torch.bool)
+        for b, (k, v, a) in enumerate(tokens):
+            keys[b, : k.shape[0]], values[b, : v.shape[0]], allowed[b, : a.shape[0]] = k, v, a
+        proxies = self.head.residual_proxies(keys, values, allowed)
+        anomaly = self.head.anomaly_proxies(proxies, torch.stack(r_q) + pos, query)
+        return s_n_t, abnormal_guided(query, anomaly)
+
+    @torch.no_grad()
+    def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
+              abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
+              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
+        query = query.float()
+        for features, what in ((query, "query"), (normal, "normal"), (abnormal, "abnormal")):
+            self._check(features, what)
+        h, w = grid = infer_grid(query.shape[1], grid)
+        refs = prepare_references(normal, abnormal, abnormal_masks, grid)
+        s_n = normal_scores(query, refs.bank, chunk)
+        if refs.k_abnormal == 0:
+            return (1.0 - s_n).reshape(-1, h, w)
+        self.head.eval()
+        pos = self.position(grid)
+        keys, values, allowed = _abnormal_tokens(refs, pos)
+        proxies = self.head.residual_proxies(keys[None], values[None], allowed[None])
+        s_a = []
+        for part in query.split(chunk):
+            _, r_q = nearest_normal(part, refs.bank)
+            anomaly = self.head.anomaly_proxies(proxies.expand(part.shape[0], -1, -1), r_q + pos, part)
+            s_a.append(abnormal_guided(part, anomaly))
+        return ((torch.cat(s_a) + 1.0 - s_n) / 2.0).reshape(-1, h, w)

@@ -1,0 +1,294 @@
+"""Local weight files for the ViT backbones (DINOv2, CLIP).
+
+Weights are never downloaded behind the user's back. A backbone's weights are
+looked up, in this order:
+
+1. an explicit path (``create_backbone(name, weights=PATH)``);
+2. the environment variable ``NAGL_WEIGHTS_<NAME>`` (upper case, ``-`` -> ``_``),
+   e.g. ``NAGL_WEIGHTS_DINOV2_VITS14``;
+3. the expected file ``weights_dir() / <file>`` (see :data:`WEIGHT_SPECS`);
+4. files the user already has in the Hugging Face hub cache, the torch hub cache
+   or open_clip's download cache (looked up, never fetched).
+
+``nagl weights fetch NAME`` downloads (HF hub, through open_clip for CLIP) and
+``nagl weights import NAME FILE`` takes a checkpoint the user has; both check
+that it loads and write it, as a safetensors state dict, to the expected file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nagl.errors import MissingDataError, NaglError
+from nagl.io import atomic_path, sha256_file
+from nagl.settings import weights_dir
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """Where one backbone's weights come from and where they are kept."""
+
+    backbone: str
+    file_name: str  # under weights_dir()
+    kind: str  # "timm" or "open_clip": the key layout of the checkpoint
+    source: str  # human-readable origin, for messages and docs
+    hub_repo: str  # Hugging Face hub repository holding the checkpoint
+    hub_files: tuple[str, ...]  # candidate file names in that repository, preferred first
+    torch_hub_files: tuple[str, ...] = ()  # names under <torch hub dir>/checkpoints
+    open_clip_model: str = ""  # open_clip model name and pretrained tag (fetch through open_clip)
+    open_clip_tag: str = ""
+    open_clip_cache_files: tuple[str, ...] = ()  # names under ~/.cache/clip (open_clip URL downloads)
+
+
+WEIGHT_SPECS: dict[str, WeightSpec] = {
+    spec.backbone: spec
+    for spec in (
+        WeightSpec(
+            backbone="dinov2-vits14",
+            file_name="dinov2-vits14.safetensors",
+            kind="timm",
+            source="DINOv2 ViT-S/14 (LVD-142M), timm 'vit_small_patch14_dinov2.lvd142m'",
+            hub_repo="timm/vit_small_patch14_dinov2.lvd142m",
+            hub_files=("model.safetensors", "pytorch_model.bin"),
+            torch_hub_files=("dinov2_vits14_pretrain.pth",),
+        ),
+        WeightSpec(
+            backbone="clip-vit-b-16-plus-240",
+            file_name="clip-vit-b-16-plus-240.safetensors",
+            kind="open_clip",
+            source="open_clip 'ViT-B-16-plus-240' pretrained 'laion400m_e31'",
+            hub_repo="timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+            hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+            open_clip_model="ViT-B-16-plus-240",
+            open_clip_tag="laion400m_e31",
+            open_clip_cache_files=("vit_b_16_plus_240-laion400m_e31-8fb26589.pt",),
+        ),
+        WeightSpec(
+            backbone="clip-vit-l-14-336",
+            file_name="clip-vit-l-14-336.safetensors",
+            kind="open_clip",
+            source="open_clip 'ViT-L-14-336' pretrained 'openai' (QuickGELU)",
+            hub_repo="timm/vit_large_patch14_clip_336.openai",
+            hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+            open_clip_model="ViT-L-14-336",
+            open_clip_tag="openai",
+        ),
+    )
+}
+
+
+def weight_spec(name: str) -> WeightSpec:
+    if name not in WEIGHT_SPECS:
+        raise NaglError(f"backbone {name!r} has no weights file to manage; "
+                        f"choose one of: {', '.join(sorted(WEIGHT_SPECS))}")
+    return WEIGHT_SPECS[name]
+
+
+def env_var(name: str) -> str:
+    """The environment variable that overrides ``name``'s weights file."""
+    return "NAGL_WEIGHTS_" + name.upper().replace("-", "_")
+
+
+def expected_path(name: str) -> Path:
+    """Where ``nagl weights fetch/import`` puts ``name``'s weights."""
+    return weights_dir() / weight_spec(name).file_name
+
+
+def _hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(home) / "hub"
+
+
+def user_cache_candidates(name: str) -> list[Path]:
+    """Files in the user's existing caches that hold ``name``'s weights (present ones only)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = weight_spec(name)
+    found: list[Path] = []
+    for file_name in spec.hub_files:
+        cached = try_to_load_from_cache(spec.hub_repo, file_name, cache_dir=_hf_cache_dir())
+        if isinstance(cached, str) and os.path.isfile(cached):
+            found.append(Path(cached))
+    for file_name in spec.torch_hub_files:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        if path.is_file():
+            found.append(path)
+    for file_name in spec.open_clip_cache_files:
+        path = Path(os.path.expanduser("~/.cache/clip")) / file_name
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def _missing_message(name: str) -> str:
+    target = expected_path(name)
+    return (f"weights for backbone {name!r} not found: expected the file {target}. "
+            f"Get it with `nagl weights fetch {name}` (needs network), or copy a checkpoint of "
+            f"{weight_spec(name).source} there with `nagl weights import {name} FILE`, "
+            f"or point {env_var(name)} at a weights file.")
+
+
+def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
+    """The weights file to load for ``name`` (see the module docstring for the order).
+
+    Raises :class:`MissingDataError` naming the expected file and the fetch command.
+    """
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise MissingDataError(f"weights file {path} (given for backbone {name!r}) does not exist; "
+                                   f"pass the path of an existing checkpoint")
+        return path
+    override = os.environ.get(env_var(name))
+    if override:
+        path = Path(override)
+        if not path.is_file():
+            raise MissingDataError(f"{env_var(name)}={override} but that file does not exist; "
+                                   f"fix or unset {env_var(name)}")
+        return path
+    if name not in WEIGHT_SPECS:
+        raise NaglError(f"backbone {name!r} has no default weights; pass weights=PATH or random_init=True")
+    target = expected_path(name)
+    if target.is_file():
+        return target
+    cached = user_cache_candidates(name)
+    if cached:
+        return cached[0]
+    raise MissingDataError(_missing_message(name))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors, loaded without unpickling code (safetensors or ``weights_only``).
+
+    Unwraps the common ``{"state_dict": ...}`` / ``{"model": ...}`` containers and a
+    ``module.`` prefix left by DataParallel.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt file, TorchScript archive, pickled code ...
+        raise NaglError(f"cannot read weights file {path}: {error}. It must be a safetensors file or a "
+                        f"plain PyTorch state dict (TorchScript archives are not accepted); "
+                        f"re-download it or run `nagl weights fetch`") from error
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise NaglError(f"weights file {path} does not hold a state dict of tensors; "
+                        f"give a checkpoint saved with torch.save(model.state_dict()) or safetensors")
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def visual_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The image tower's tensors of an open_clip checkpoint (full CLIP or tower only)."""
+    if any(key.startswith("visual.") for key in state):
+        return {key[len("visual."):]: value for key, value in state.items() if key.startswith("visual.")}
+    return state
+
+
+def _reduce(spec: WeightSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What we keep of a checkpoint: the CLIP image tower, or the whole ViT."""
+    if spec.kind == "open_clip":
+        state = visual_state_dict(state)
+    # safetensors refuses tensors that share memory; give each its own.
+    return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+
+def import_weights(name: str, source: str | os.PathLike) -> Path:
+    """Check that ``source`` loads into backbone ``name``; write it to the expected file.
+
+    The file is written as a safetensors state dict (for CLIP, the image tower only),
+    atomically; returns its path.
+    """
+    from safetensors.torch import save_file
+
+    from nagl.models.backbones import create_backbone
+
+    spec = weight_spec(name)
+    source = Path(source)
+    if not source.is_file():
+        raise NaglError(f"checkpoint {source} does not exist; give the path of a {spec.source} checkpoint")
+    state = _reduce(spec, read_state_dict(source))
+    target = expected_path(name)
+    with atomic_path(target) as tmp:
+        save_file(state, str(tmp), metadata={"backbone": name, "source": spec.source})
+        try:
+            create_backbone(name, weights=tmp)
+        except NaglError as error:
+            raise NaglError(f"checkpoint {source} does not load into backbone {name!r} "
+                            f"({spec.source} expected): {error}") from error
+    return target
+
+
+def _download(spec: WeightSpec) -> Path:
+    if spec.open_clip_model:
+        from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(spec.open_clip_model, spec.open_clip_tag)
+        if not cfg:
+            raise NaglError(f"open_clip has no pretrained tag {spec.open_clip_tag!r} for "
+                            f"{spec.open_clip_model!r}; upgrade open_clip_torch")
+        return Path(download_pretrained(cfg))
+    from huggingface_hub import hf_hub_download
+
+    errors = []
+    for file_name in spec.hub_files:
+        try:
+            return Path(hf_hub_download(spec.hub_repo, file_name))
+        except Exception as error:  # try the next candidate; report all at the end
+            errors.append(f"{file_name}: {error}")
+    raise OSError("; ".join(errors))
+
+
+def fetch_weights(name: str) -> Path:
+    """Download ``name``'s weights (HF hub / open_clip) and import them into place."""
+    spec = weight_spec(name)
+    try:
+        downloaded = _download(spec)
+    except NaglError:
+        raise
+    except Exception as error:  # offline, DNS failure, HTTP error, hub offline mode ...
+        raise MissingDataError(
+            f"could not download weights for {name!r} ({spec.source}, Hugging Face hub "
+            f"{spec.hub_repo}): {type(error).__name__}: {error}. Without network: fetch on a machine "
+            f"that has it and copy {spec.file_name} to {expected_path(name)}, or run "
+            f"`nagl weights import {name} FILE` with a checkpoint you have.") from error
+    return import_weights(name, downloaded)
+
+
+@dataclass(frozen=True)
+class WeightStatus:
+    backbone: str
+    expected: Path
+    present: bool
+    sha256: str | None  # of the expected file, when present
+    found_elsewhere: Path | None  # env-var override or user cache that would be used instead
+
+
+def weight_status(name: str, with_hash: bool = True) -> WeightStatus:
+    """Whether ``name``'s weights are in place, and what would be loaded otherwise."""
+    target = expected_path(name)
+    present = target.is_file()
+    elsewhere = None
+    override = os.environ.get(env_var(name))
+    if override and Path(override).is_file():
+        elsewhere = Path(override)
+    elif not present:
+        cached = user_cache_candidates(name)
+        elsewhere = cached[0] if cached else None
+    digest = sha256_file(target) if present and with_hash else None
+    return WeightStatus(name, target, present, digest, elsewhere)

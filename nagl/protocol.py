@@ -1,0 +1,235 @@
+"""Seeded, nested, leakage-free reference splits (gad-protocol.md, "References at test time").
+
+For each (target dataset, category, seed) one split is drawn, once:
+
+- ``normal``: ``max_k_normal`` images from ``train/good``;
+- ``abnormal``: ``max_k_abnormal`` images from the test anomalies (all defect types);
+- ``queries``: the whole test set minus the abnormal references.
+
+The k-shot setting uses the first k references of each role, so smaller shot sets
+are nested in larger ones, and every shot setting and method at one seed is scored
+on the same queries. The draw uses only (dataset, category, seed) and the sorted
+candidate lists: it never looks at a query, and the manifest's row order does not
+matter. Each role has its own generator, so growing ``max_k_normal`` leaves the
+abnormal draw unchanged, and growing either keeps the earlier references as a prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nagl.errors import NaglError
+from nagl.io import atomic_write_json, canonical_json, read_json
+
+MANIFEST_COLUMNS = [
+    "dataset",
+    "category",
+    "split",
+    "label",
+    "defect_type",
+    "image_path",
+    "mask_path",
+    "image_sha256",
+    "width",
+    "height",
+]
+SPLIT_FORMAT = "nagl-reference-split/1"
+_ROLES = ("normal", "abnormal", "queries")
+
+
+def split_seed(dataset: str, category: str, seed: int) -> int:
+    """The generator seed of a split: a stable hash of (dataset, category, seed) only."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise NaglError(f"seed must be an integer, got {seed!r}; fix the `seeds` list in the config")
+    key = canonical_json({"dataset": str(dataset), "category": str(category), "seed": int(seed)})
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+def _clean_rows(frame: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
+    """Manifest columns only, in canonical order and types; sorted by image path unless ``sort`` is false."""
+    rows = frame.loc[:, MANIFEST_COLUMNS].copy()
+    rows["label"] = rows["label"].astype("int64")
+    rows["width"] = rows["width"].astype("int64")
+    rows["height"] = rows["height"].astype("int64")
+    rows["mask_path"] = rows["mask_path"].astype(object).where(rows["mask_path"].notna(), None)
+    if sort:
+        rows = rows.sort_values("image_path", kind="stable")
+    return rows.reset_index(drop=True)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in frame.to_dict(orient="records"):
+        record = {}
+        for key in MANIFEST_COLUMNS:
+            value = row[key]
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, float) and math.isnan(value):
+                value = None
+            record[key] = value
+        out.append(record)
+    return out
+
+
+def _draw(candidates: pd.DataFrame, count: int, seed_value: int, role: int) -> pd.DataFrame:
+    """The first ``count`` rows of a seeded permutation of the (sorted) candidates."""
+    rng = np.random.default_rng([seed_value, role])
+    order = rng.permutation(len(candidates))[:count]
+    return candidates.iloc[order].reset_index(drop=True)
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceSplit:
+    dataset: str
+    category: str
+    seed: int
+    normal: pd.DataFrame
+    abnormal: pd.DataFrame
+    queries: pd.DataFrame
+
+    @property
+    def max_k_normal(self) -> int:
+        return len(self.normal)
+
+    @property
+    def max_k_abnormal(self) -> int:
+        return len(self.abnormal)
+
+    def normal_for(self, k: int) -> pd.DataFrame:
+        """The k-shot normal references: the first k of the drawn ones."""
+        return self._first(self.normal, k, "normal", "k_normal")
+
+    def abnormal_for(self, k: int) -> pd.DataFrame:
+        """The k-shot abnormal references: the first k of the drawn ones."""
+        return self._first(self.abnormal, k, "abnormal", "k_abnormal")
+
+    def _first(self, frame: pd.DataFrame, k: int, role: str, setting: str) -> pd.DataFrame:
+        if k < 0 or k > len(frame):
+            raise NaglError(
+                f"{setting}={k} is outside the reference split of {self.dataset}/{self.category} "
+                f"(seed {self.seed}), which holds {len(frame)} {role} references; "
+                f"draw the split with the largest {setting} of the config"
+            )
+        return frame.iloc[:k].reset_index(drop=True)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the split's identity: dataset, category, seed and every path with its content hash."""
+        ident = {
+            "dataset": self.dataset,
+            "category": self.category,
+            "seed": self.seed,
+        }
+        for role in _ROLES:
+            frame = getattr(self, role)
+            ident[role] = [[p, h] for p, h in zip(frame["image_path"], frame["image_sha256"])]
+        return hashlib.sha256(canonical_json(ident).encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        """The content of a cell's ``split.json``: the full manifest rows of each role, plus the hash."""
+        return {
+            "format": SPLIT_FORMAT,
+            "dataset": self.dataset,
+            "category": self.category,
+            "seed": self.seed,
+            "split_seed": split_seed(self.dataset, self.category, self.seed),
+            "max_k_normal": self.max_k_normal,
+            "max_k_abnormal": self.max_k_abnormal,
+            "hash": self.hash,
+            **{role: _records(getattr(self, role)) for role in _ROLES},
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "split.json") -> "ReferenceSplit":
+        """Rebuild a split from :meth:`to_json` output; the stored hash must match the content."""
+        if not isinstance(obj, dict) or obj.get("format") != SPLIT_FORMAT:
+            raise NaglError(f"{source} is not a reference split (expected format {SPLIT_FORMAT!r}); rerun the evaluation")
+        missing = [key for key in ("dataset", "category", "seed", "hash", *_ROLES) if key not in obj]
+        if missing:
+            raise NaglError(f"{source} lacks {', '.join(missing)}; rerun the evaluation that wrote it")
+        frames = {}
+        for role in _ROLES:
+            rows = obj[role]
+            if not isinstance(rows, list) or any(
+                not isinstance(r, dict) or set(MANIFEST_COLUMNS) - set(r) for r in rows
+            ):
+                raise NaglError(f"{source}: `{role}` must be a list of manifest rows with {MANIFEST_COLUMNS}")
+            frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            # Reference order is the nesting order: keep it as stored.
+            frames[role] = _clean_rows(frame, sort=role == "queries")
+        if not isinstance(obj["seed"], int) or isinstance(obj["seed"], bool):
+            raise NaglError(f"{source}: seed must be an integer, got {obj['seed']!r}; rerun the evaluation")
+        split = cls(str(obj["dataset"]), str(obj["category"]), obj["seed"], **frames)
+        if split.hash != obj["hash"]:
+            raise NaglError(f"{source}: the stored hash does not match its content (edited or corrupt); rerun the evaluation")
+        return split
+
+    def write(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ReferenceSplit":
+        try:
+            obj = read_json(path)
+        except (OSError, ValueError) as error:
+            raise NaglError(f"cannot read reference split {path}: {error}") from error
+        return cls.from_json(obj, source=str(path))
+
+
+def draw_reference_split(
+    manifest: pd.DataFrame,
+    dataset: str,
+    category: str,
+    seed: int,
+    max_k_normal: int,
+    max_k_abnormal: int,
+) -> ReferenceSplit:
+    """Draw the reference split of one (dataset, category, seed) from the dataset's manifest."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise NaglError(
+            f"the manifest of {dataset} lacks columns {missing}; re-prepare it with `nagl datasets prepare {dataset}`"
+        )
+    for name, value in (("max_k_normal", max_k_normal), ("max_k_abnormal", max_k_abnormal)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise NaglError(f"{name} must be a non-negative integer, got {value!r}; fix the shot settings in the config")
+    if max_k_normal < 1:
+        raise NaglError(f"max_k_normal must be at least 1, got {max_k_normal}; fix the k_normal list in the config")
+
+    rows = manifest[(manifest["dataset"] == dataset) & (manifest["category"] == category)]
+    if rows.empty:
+        raise NaglError(f"{dataset}/{category}: no such category in the manifest; check the dataset and category names")
+    rows = _clean_rows(rows)
+    if rows["image_path"].duplicated().any():
+        dup = rows.loc[rows["image_path"].duplicated(), "image_path"].iloc[0]
+        raise NaglError(f"the manifest of {dataset} lists {dup} twice; re-prepare the dataset")
+
+    train_good = rows[(rows["split"] == "train") & (rows["label"] == 0)].reset_index(drop=True)
+    test = rows[rows["split"] == "test"]
+    anomalies = test[test["label"] == 1].reset_index(drop=True)
+
+    if len(train_good) < max_k_normal:
+        raise NaglError(
+            f"{dataset}/{category} has {len(train_good)} train/good images but {max_k_normal} normal "
+            f"references are needed; lower k_normal or leave the category out"
+        )
+    if len(anomalies) < max_k_abnormal + 1:
+        raise NaglError(
+            f"{dataset}/{category} has {len(anomalies)} anomalous test images: too few to take "
+            f"{max_k_abnormal} abnormal references and keep at least one anomalous query; "
+            f"lower k_abnormal or leave the category out"
+        )
+
+    seed_value = split_seed(dataset, category, seed)
+    normal = _draw(train_good, max_k_normal, seed_value, 0)
+    abnormal = _draw(anomalies, max_k_abnormal, seed_value, 1)
+    queries = test[~test["image_path"].isin(set(abnormal["image_path"]))].reset_index(drop=True)
+    return ReferenceSplit(str(dataset), str(category), int(seed), normal, abnormal, queries)
