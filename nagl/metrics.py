@@ -167,6 +167,7 @@ def _pixel_metrics(masks, maps, fpr_limit: float, with_roc_pr: bool) -> dict[str
     tp = np.cumsum(ranked_regions != 0)[ends]
     fp = ends + 1 - tp
     pro = np.cumsum(region_weight[ranked_regions])[ends]
+    pro /= pro[-1]  # the sum of all weights is 1 up to rounding: make it exactly 1
     fpr = fp / (n_pixels - n_pos)
 
     result = _roc_pr(tp, fp) if with_roc_pr else {}

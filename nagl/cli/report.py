@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `nagl` app."""
+    app.command("report")(report)
+
+
+def report(
+    db: Optional[Path] = typer.Option(
+        None, "--db", help="Results database.", show_default="results/benchmark.duckdb", dir_okay=False),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="HTML file to write.", show_default="reports/leaderboard.html", dir_okay=False),
+) -> None:
+    """Build the self-contained HTML leaderboard from the results database."""
+    from nagl.report import build_report
+
+    path = build_report(db, out)
+    typer.echo(f"wrote {path}")

@@ -27,6 +27,9 @@ from scipy import ndimage
 MIN_CHANGED_SHARE = 0.5
 MIN_REGION_PIXELS = 12
 MAX_TRIES = 50
+# Defects are centred at least this far from the border (a defect cut by the frame is
+# mostly outside the image).
+MIN_MARGIN = 20
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def pick_center(shape: tuple[int, int], rng: np.random.Generator, allowed: np.nd
                 margin: int) -> tuple[float, float]:
     """A centre at least ``margin`` pixels from the border, inside ``allowed`` if given."""
     height, width = shape
-    margin = min(margin, height // 4, width // 4)
+    margin = min(max(margin, MIN_MARGIN), height // 4, width // 4)
     inner = np.zeros(shape, dtype=bool)
     inner[margin:height - margin, margin:width - margin] = True
     if allowed is not None and (allowed & inner).any():
@@ -211,9 +214,9 @@ def hole(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint
     yy, xx = _grid(shape)
     light = rng.uniform(0, 2 * np.pi)
     slope = ((yy - center[0]) * np.sin(light) + (xx - center[1]) * np.cos(light)) / max(radius, 1.0)
-    depth = rng.uniform(0.2, 0.55)
+    depth = rng.uniform(0.1, 0.45)
     shade = np.clip(depth + 0.25 * slope, 0.05, 1.0)[..., None]
-    content = ndimage.gaussian_filter(clean, (1.5, 1.5, 0)) * shade + _grain(clean.shape, rng, 2.0)
+    content = ndimage.gaussian_filter(clean, (3.0, 3.0, 0)) * shade + _grain(clean.shape, rng, 2.0)
     strength = _strength(rng, 0.6, 1.0, context)
     return Paint(region, feathered(region, 2.0) * strength, content)
 
@@ -225,10 +228,10 @@ def stain(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pain
     radius = _size(rng, 10, 45, context)
     center = pick_center(shape, rng, context.allowed, margin=int(radius / 2))
     region = blob_region(shape, center, radius, rng, irregularity=0.4)
-    tint = rng.uniform(0.45, 1.15, size=3)
+    tint = rng.uniform(0.3, 1.2, size=3)
     tint /= max(tint.max(), 1.0)
     content = clean * tint
-    strength = _strength(rng, 0.35, 0.9, context)
+    strength = _strength(rng, 0.5, 1.0, context)
     alpha = feathered(region, radius * 0.5) * (0.6 + 0.4 * smooth_noise(shape, rng, radius / 4))
     return Paint(region, alpha * strength, content)
 
@@ -239,7 +242,7 @@ def foreign(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     if context.foreign is None:
         raise ValueError("defect 'foreign' needs context.foreign (an image of another material)")
     shape = clean.shape[:2]
-    radius = _size(rng, 10, 40, context)
+    radius = _size(rng, 14, 45, context)
     center = pick_center(shape, rng, context.allowed, margin=int(radius / 2))
     region = blob_region(shape, center, radius, rng, irregularity=0.3)
     other = context.foreign.astype(np.float64)
@@ -274,7 +277,7 @@ def _lesion(clean: np.ndarray, rng: np.random.Generator, context: Context, dark:
     else:
         content = clean + (255.0 - clean) * rng.uniform(0.35, 0.8) * np.array([1.0, 0.95, rng.uniform(0.3, 0.8)])
     mottle = 0.55 + 0.45 * smooth_noise(shape, rng, max(radius / 5, 1.0))
-    strength = _strength(rng, 0.5, 1.0, context)
+    strength = _strength(rng, 0.7, 1.0, context)
     return Paint(region, feathered(region, max(radius * 0.35, 1.0)) * mottle * strength, content)
 
 
@@ -313,18 +316,18 @@ def missing(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
 def deformation(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A local swirl or bulge of the surface. The mask is where pixels moved >= 0.5 px."""
     shape = clean.shape[:2]
-    radius = _size(rng, 14, 45, context)
+    radius = _size(rng, 18, 50, context)
     center = pick_center(shape, rng, context.allowed, margin=int(radius / 2))
     yy, xx = _grid(shape)
     dy, dx = yy - center[0], xx - center[1]
     r = np.hypot(dy, dx)
     falloff = np.clip(1.0 - r / radius, 0.0, 1.0) ** 2
     if rng.random() < 0.5:  # swirl
-        turn = rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.6) * min(1.0, context.contrast) * falloff
+        turn = rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 2.2) * min(1.0, context.contrast) * falloff
         src_y = center[0] + dy * np.cos(turn) - dx * np.sin(turn)
         src_x = center[1] + dy * np.sin(turn) + dx * np.cos(turn)
     else:  # bulge (magnify) or pinch
-        amount = rng.choice([-1.0, 1.0]) * rng.uniform(0.35, 0.7) * min(1.0, context.contrast) * falloff
+        amount = rng.choice([-1.0, 1.0]) * rng.uniform(0.45, 0.8) * min(1.0, context.contrast) * falloff
         src_y = center[0] + dy * (1.0 - amount)
         src_x = center[1] + dx * (1.0 - amount)
     region = np.hypot(src_y - yy, src_x - xx) >= 0.5

@@ -55,7 +55,8 @@ def build_dataset(spec: DatasetSpec, destination: Path) -> list[str]:
     with atomic_directory(destination) as staging:
         builder_for(spec.kind)(spec, staging)
         notes = normalise_images(staging)
-        raise_if_invalid(validate_dataset(staging), staging)
+        raise_if_invalid(validate_dataset(staging),
+                         f"{spec.name} (kind {spec.kind}; paths are relative to the dataset)")
         write_manifest(staging, spec.name)
     return notes
 

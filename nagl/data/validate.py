@@ -54,7 +54,7 @@ def _entries(folder: Path) -> list[Path]:
 
 def _image_files(checker: _Checker, folder: Path) -> dict[str, tuple[int, int]]:
     """Check the images of one folder; return ``stem -> (width, height)`` of the readable ones."""
-    sizes = {}
+    sizes, seen = {}, {}
     for path in _entries(folder):
         if path.is_dir():
             checker.outside(path, "image folders hold files only")
@@ -68,6 +68,11 @@ def _image_files(checker: _Checker, folder: Path) -> dict[str, tuple[int, int]]:
                         f"images must be {', '.join(layout.SOURCE_IMAGE_SUFFIXES)}; "
                         f"convert or delete the file")
             continue
+        if path.stem in seen:
+            checker.add(path, f"{seen[path.stem].name} and {path.name} share the stem {path.stem!r}",
+                        "rename or delete one of them (names must be unique without the extension)")
+            continue
+        seen[path.stem] = path
         size = _check_image(checker, path)
         if size is not None:
             sizes[path.stem] = size
@@ -83,8 +88,10 @@ def _check_image(checker: _Checker, path: Path) -> tuple[int, int] | None:
         checker.add(path, f"unreadable or corrupt image ({error})",
                     "replace the file with a good copy (re-extract the archive) or delete it")
         return None
-    if path.suffix != layout.CANONICAL_SUFFIX or image_format != "PNG":
+    if image_format != "PNG":
         checker.add(path, f"{image_format} image not converted to PNG", _RERUN)
+    elif path.suffix != layout.CANONICAL_SUFFIX:
+        checker.add(path, f"PNG image with the extension {path.suffix!r}", "rename it to <stem>.png")
     elif not layout.is_canonical_image(path):
         bit_depth, _ = layout.png_header(path)
         if bit_depth == 16:

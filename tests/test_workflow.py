@@ -1,0 +1,147 @@
+"""The workflow end to end on a miniature config: dry run, real run, rerun, interrupt and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from nagl.config import load_config
+from nagl.errors import NaglError
+
+pytestmark = pytest.mark.slow
+
+MINI_REGISTRY = """
+datasets:
+  mini-texture:
+    kind: embedded
+    domain: industrial-texture
+    preset: textures
+    categories: [brick]
+    counts: {train_good: 6, test_good: 3, test_anomalous: 4}
+  mini-medical:
+    kind: embedded
+    domain: medical-microscopy
+    preset: medical
+    categories: [cell]
+    counts: {train_good: 6, test_good: 3, test_anomalous: 4}
+"""
+
+MINI_CONFIG = {
+    "backbone": "effnet-lite0",
+    "image_size": 64,
+    "eval_resolution": 32,
+    "methods": ["nagl", "knn-normal"],
+    "sources": ["mini-texture", "mini-medical"],
+    "targets": ["mini-texture", "mini-medical"],
+    "shots": {"k_normal": [1, 2], "k_abnormal": [0, 1]},
+    "seeds": [0, 1],
+    "training": {"profile": "smoke", "seed": 0},
+    "results": "results",
+    "report": "reports/leaderboard.html",
+}
+# nagl: 2 sources x 2 targets x 1 category x 4 shot settings x 2 seeds; knn-normal: 2 targets x 4 x 2.
+EXPECTED_CELLS = 2 * 2 * 4 * 2 + 2 * 4 * 2
+
+
+def _write_config(root: Path, **changes) -> Path:
+    path = root / "config" / "mini.yaml"
+    path.write_text(yaml.safe_dump({**MINI_CONFIG, **changes}))
+    return path
+
+
+def _nagl(root: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nagl", *args], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "NAGL_HOME": str(root)}, **kwargs)
+
+
+def _run_ids(db: Path) -> dict[str, str]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return dict(con.execute("SELECT run_id, CAST(created_at AS VARCHAR) FROM runs").fetchall())
+
+
+def test_bad_configs_are_rejected_with_the_setting_named(project):
+    root = project(MINI_REGISTRY)
+    cases = {
+        "seeds": ("seeds", "a few"),
+        "methods": ("methods", ["nagl", "patchcore"]),
+        "image_size": ("image_size", 8),
+        "targets": ("targets", ["mvtec-missing"]),
+    }
+    for expected, (key, value) in cases.items():
+        path = _write_config(root, **{key: value})
+        with pytest.raises(NaglError, match=expected):
+            load_config(path)
+    path = _write_config(root, shots={"k_normal": [0, 1], "k_abnormal": [0, 1]})
+    with pytest.raises(NaglError, match="k_normal and k_abnormal both contain 0"):
+        load_config(path)
+    path = _write_config(root, extra_setting=1)
+    with pytest.raises(NaglError, match="extra_setting"):
+        load_config(path)
+    done = _nagl(root, "run", "--config", str(_write_config(root, seeds=[-1])), "--dry-run")
+    assert done.returncode == 2 and "seeds" in done.stderr
+
+
+def test_miniature_matrix_end_to_end_and_resume(project):
+    root = project(MINI_REGISTRY)
+    config = _write_config(root)
+
+    dry = _nagl(root, "run", "--config", str(config), "--cores", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "evaluate" in dry.stdout + dry.stderr and not (root / "results" / "benchmark.duckdb").exists()
+
+    # Start the real run, kill it (SIGKILL, whole process group) once some cells are finished.
+    process = subprocess.Popen([sys.executable, "-m", "nagl", "run", "--config", str(config), "--cores", "2"],
+                               cwd=root, env={**os.environ, "NAGL_HOME": str(root)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cells_root = root / "results" / "cells"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(list(cells_root.glob("**/run.json"))) >= 4:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.read_text() for p in cells_root.glob("**/run.json")}
+    assert finished, "the run was killed before any cell finished; nothing to resume"
+
+    resumed = _nagl(root, "run", "--config", str(config), "--cores", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for path, text in finished.items():
+        assert path.read_text() == text, f"{path} was recomputed after the resume"
+
+    db = root / "results" / "benchmark.duckdb"
+    ids = _run_ids(db)
+    assert len(ids) == EXPECTED_CELLS
+    with duckdb.connect(str(db), read_only=True) as con:
+        in_domain = con.execute("SELECT COUNT(*) FROM runs WHERE in_domain").fetchone()[0]
+        assert in_domain == 2 * 4 * 2  # nagl trained and tested on the same dataset
+        assert con.execute("SELECT COUNT(*) FROM runs WHERE source = '-'").fetchone()[0] == 2 * 4 * 2
+        metrics = con.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
+        assert metrics == EXPECTED_CELLS * 7
+        board = con.execute("SELECT method, k_normal, k_abnormal, mean, n_seeds FROM leaderboard "
+                            "WHERE level = 'image' AND metric = 'auroc' ORDER BY ALL").fetchall()
+        assert len(board) == 2 * 4 and all(row[4] == 2 for row in board)
+    assert (root / "reports" / "leaderboard.html").stat().st_size > 100_000
+
+    # Nothing changed: nothing runs, the database is untouched.
+    mtime = db.stat().st_mtime_ns
+    again = _nagl(root, "run", "--config", str(config), "--cores", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert db.stat().st_mtime_ns == mtime
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # One more seed: only the new cells are computed, the old ones are kept.
+    grown = _nagl(root, "run", "--config", str(_write_config(root, seeds=[0, 1, 2])), "--cores", "2")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    new_ids = _run_ids(db)
+    assert len(new_ids) == EXPECTED_CELLS * 3 // 2
+    assert all(new_ids[run_id] == created for run_id, created in ids.items())
