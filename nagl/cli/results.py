@@ -77,8 +77,12 @@ def register(app: typer.Typer) -> None:
             table = Table(show_lines=False, header_style="bold")
             for name in frame.columns:
                 table.add_column(str(name), overflow="fold")
-            for row in frame.itertuples(index=False, name=None):
-                table.add_row(*(_cell_text(v) for v in row))
+            rows = [[_cell_text(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+            for row in rows:
+                table.add_row(*row)
+            widths = [max([len(str(name))] + [len(row[i]) for row in rows]) for i, name in enumerate(frame.columns)]
             console = Console()
+            if not console.is_terminal:  # piped or captured: no terminal width to fit, print rows unwrapped
+                console = Console(width=max(80, sum(w + 3 for w in widths) + 1))
             console.print(table)
             console.print(f"{len(frame)} row{'s' if len(frame) != 1 else ''}", style="dim")

@@ -10,6 +10,7 @@ show literally (plotly decodes ``&lt;`` and friends when it draws).
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 from nagl.report.format import fmt_stat, shot_label
@@ -76,7 +77,8 @@ def heatmap_ranges(data: ReportData) -> dict[tuple[str, str], tuple[float, float
         key = (row["level"], row["metric"])
         low, high = ranges.get(key, (row["mean"], row["mean"]))
         ranges[key] = (min(low, row["mean"]), max(high, row["mean"]))
-    return {key: (round(low, 3), round(high, 3) if high > low else round(low, 3) + 0.001)
+    # Widened outwards to 3 decimals, so no cell falls outside the scale.
+    return {key: (math.floor(low * 1000) / 1000, max(math.ceil(high * 1000), math.floor(low * 1000) + 1) / 1000)
             for key, (low, high) in ranges.items()}
 
 

@@ -233,6 +233,10 @@ def cell_dir(results_dir: Path, run: Mapping[str, Any]) -> Path:
     )
 
 
+def _cell_key_path(run: Mapping[str, Any]) -> Path:
+    return cell_dir(Path("."), run).relative_to("cells")
+
+
 def _check_run(run: dict[str, Any], source: str) -> None:
     if run["in_domain"] != (run["source"] == run["target"]):
         raise NaglError(f"{source}: in_domain must be true exactly when source == target")
@@ -261,6 +265,9 @@ def write_cell(
     run_file = folder / "run.json"
     run = _table_row("runs", run_row, str(run_file))
     _check_run(run, str(run_file))
+    expected = _cell_key_path(run)
+    if folder.parts[-len(expected.parts):] != expected.parts:
+        raise NaglError(f"{folder}: a cell with this key must be written to results/cells/{expected.as_posix()} (see cell_dir)")
     metric_rows = _metric_rows(run["run_id"], metrics, str(folder / "metrics.json"))
     scores = _check_scores(pa.Table.from_pandas(scores_df, preserve_index=False), run, str(folder / "scores.parquet"))
     _check_split(split_json, run, str(folder / "split.json"))
@@ -351,7 +358,7 @@ class _Collected:
             relative = folder.resolve().relative_to(cells_root.resolve())
         except ValueError:
             relative = None
-        expected = cell_dir(Path("."), run).relative_to("cells")
+        expected = _cell_key_path(run)
         if relative != expected:
             raise NaglError(
                 f"{run_file}: the cell's key belongs in cells/{expected.as_posix()}, not in "
@@ -453,7 +460,8 @@ def ingest(
     Cells are the folders under ``results_dir/cells`` (or exactly ``cell_dirs``);
     one without ``run.json`` is unfinished and skipped. Models are
     ``results_dir/models/**/model.json``. The new database replaces ``db_path``
-    atomically. Returns the row counts.
+    atomically. Returns the number of rows of each table (for ``reference_splits``:
+    the number of distinct splits) and of unfinished cells skipped.
     """
     results_dir = Path(results_dir)
     db_path = Path(db_path)
@@ -524,15 +532,15 @@ def check_read_only(sql: str) -> None:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:
         raise NaglError(f"cannot parse the query: {error}") from error
+    for statement in statements:
+        if not _is_read(statement):
+            raise NaglError(
+                f"nagl query is read-only; a {statement.type.name} statement is refused. "
+                "Use SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN or PRAGMA table_info; "
+                "the database is rebuilt only by the ingest step of `nagl run`"
+            )
     if len(statements) != 1:
         raise NaglError(f"nagl query runs exactly one statement; got {len(statements)}")
-    statement = statements[0]
-    if not _is_read(statement):
-        raise NaglError(
-            f"nagl query is read-only; a {statement.type.name} statement is refused. "
-            "Use SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN or PRAGMA table_info; "
-            "the database is rebuilt only by the ingest step of `nagl run`"
-        )
 
 
 def query(db_path: str | os.PathLike, sql: str) -> pd.DataFrame:
