@@ -12,6 +12,15 @@ on the same queries. The draw uses only (dataset, category, seed) and the sorted
 candidate lists: it never looks at a query, and the manifest's row order does not
 matter. Each role has its own generator, so growing ``max_k_normal`` leaves the
 abnormal draw unchanged, and growing either keeps the earlier references as a prefix.
+Candidates are sorted by image path and permuted by numpy's PCG64 generator seeded
+with ``[split_seed(dataset, category, seed), role]``.
+
+``split.json`` (``ReferenceSplit.to_json``): ``format`` ("nagl-reference-split/1"),
+``dataset``, ``category``, ``seed``, ``split_seed``, ``max_k_normal``,
+``max_k_abnormal``, ``hash``, and ``normal`` / ``abnormal`` / ``queries`` as lists of
+full manifest rows (references in nesting order, queries by image path). ``hash`` is
+the sha256 of the canonical JSON of dataset, category, seed and, per role, the
+(image_path, image_sha256) pairs: equal hashes mean identical references and queries.
 """
 
 from __future__ import annotations

@@ -439,7 +439,7 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(task, advance=1, info=f"epoch {epoch}/{config.epochs} loss {np.mean(losses):.4f}")
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"]}
             schedule.step()

@@ -102,6 +102,8 @@ def test_bad_settings_are_user_errors():
         create_backbone("tiny-clip", layers=(3,))
     with pytest.raises(NaglError, match="unknown backbone 'nope'"):
         create_backbone("nope")
+    with pytest.raises(NaglError, match="'effnet-lite0'.*unexpected keyword argument 'layers'.*image_size"):
+        create_backbone("effnet-lite0", layers=(1,))
     backbone = create_backbone("tiny-dinov2")
     with pytest.raises(NaglError, match="expected an RGB uint8 image"):
         backbone.preprocess(np.zeros((8, 8), dtype=np.uint8))

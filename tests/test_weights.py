@@ -168,16 +168,22 @@ def test_import_checks_the_checkpoint_and_writes_the_tower(isolated, monkeypatch
     assert list(isolated.iterdir()) == []  # nothing half-written left behind
 
 
-def test_fetch_offline_fails_with_what_to_do(isolated, monkeypatch):
+@pytest.mark.parametrize("offline", ["NAGL_OFFLINE", "HF_HUB_OFFLINE"])
+def test_fetch_offline_fails_with_what_to_do(isolated, monkeypatch, offline):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("NAGL_OFFLINE", raising=False)
+    if offline == "NAGL_OFFLINE":
+        monkeypatch.setenv("NAGL_OFFLINE", "1")
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MissingDataError) as error:
-        weights.fetch_weights("dinov2-vits14")
+        weights.fetch_weights("clip-vit-b-16-plus-240")
     message = str(error.value)
-    assert str(isolated / "dinov2-vits14.safetensors") in message
-    assert "nagl weights import dinov2-vits14 FILE" in message
-    assert not (isolated / "dinov2-vits14.safetensors").exists()
+    assert f"{offline} is set" in message
+    assert str(isolated / "clip-vit-b-16-plus-240.safetensors") in message
+    assert "nagl weights import clip-vit-b-16-plus-240 FILE" in message
+    assert not (isolated / "clip-vit-b-16-plus-240.safetensors").exists()
 
 
 def test_cli_weights_list_and_backbones(isolated):

@@ -246,9 +246,9 @@ def foreign(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     center = pick_center(shape, rng, context.allowed, margin=int(radius / 2))
     region = blob_region(shape, center, radius, rng, irregularity=0.3)
     other = context.foreign.astype(np.float64)
-    # Match the pasted patch's mean colour to the surface it covers.
+    # Pull the pasted patch's mean colour part of the way to the surface it covers.
     if region.any():
-        other = other - other[region].mean(axis=0) + clean[region].mean(axis=0)
+        other = other + rng.uniform(0.3, 0.8) * (clean[region].mean(axis=0) - other[region].mean(axis=0))
     strength = _strength(rng, 0.65, 1.0, context)
     return Paint(region, feathered(region, 2.5) * strength, other)
 

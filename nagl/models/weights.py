@@ -269,6 +269,8 @@ def _check_hub_reachable(timeout: float = 5.0) -> None:
 
     from huggingface_hub import constants
 
+    if os.environ.get("NAGL_OFFLINE") == "1":
+        raise OSError("NAGL_OFFLINE is set")
     if constants.HF_HUB_OFFLINE:
         raise OSError("HF_HUB_OFFLINE is set")
     url = urlparse(constants.ENDPOINT)

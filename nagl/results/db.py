@@ -52,7 +52,6 @@ _ARROW_TYPES = {
     "TIMESTAMP": pa.timestamp("us"),
     "BLOB": pa.binary(),
 }
-READ_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA")
 
 
 def create_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -428,7 +427,12 @@ def _provenance_rows(provenance: Mapping[str, str]) -> list[dict[str, str]]:
 
 
 def _arrow_rows(table: str, rows: list[dict[str, Any]]) -> pa.Table:
-    schema = pa.schema([(name, _ARROW_TYPES[data_type]) for name, data_type, _ in _schema_columns()[table]])
+    columns = _schema_columns()[table]
+    unmapped = [f"{name} {data_type}" for name, data_type, _ in columns if data_type not in _ARROW_TYPES]
+    if unmapped:
+        raise NaglError(f"schema.sql: {table} has columns of types db.py does not load ({', '.join(unmapped)}); "
+                        "add the type to _ARROW_TYPES in nagl/results/db.py")
+    schema = pa.schema([(name, _ARROW_TYPES[data_type]) for name, data_type, _ in columns])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
