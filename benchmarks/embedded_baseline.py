@@ -93,6 +93,8 @@ def main() -> None:
         base = args.data or Path(tmp)
         domain_means = {}
         for preset in args.presets:
+            if args.categories and not set(args.categories) & set(PRESETS[preset]):
+                continue
             dataset = f"embedded-{preset}"
             root = base / dataset
             if args.data is None:

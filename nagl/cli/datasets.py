@@ -85,7 +85,8 @@ def prepare(
     for name in names:
         with console.status(f"preparing {name} ..."):
             result = prepare_dataset(name, force=force, version=version)
-        console.print(f"{name}: {result.action} in {result.seconds:.1f} s, content hash {result.content_hash}")
+        console.print(f"{name}: {result.action} in {result.seconds:.1f} s, content hash {result.content_hash}",
+                      soft_wrap=True)
 
 
 @datasets_app.command("validate")

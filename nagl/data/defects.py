@@ -23,9 +23,11 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-# At least this share of a region's pixels must really change, else redraw.
+# At least this share of a region's pixels must really change, by this much on
+# average, else the defect is redrawn.
 MIN_CHANGED_SHARE = 0.5
 MIN_REGION_PIXELS = 12
+MIN_MEAN_CHANGE = 3.0  # grey levels, averaged over the region and channels
 MAX_TRIES = 50
 # Defects are centred at least this far from the border (a defect cut by the frame is
 # mostly outside the image).
@@ -36,8 +38,9 @@ MIN_MARGIN = 20
 class Context:
     """What a defect may use besides the clean image.
 
-    ``allowed``: where a defect may be centred (e.g. on the object, inside the
-    fundus), or None for anywhere. ``foreign``: a defect-free image of another
+    ``allowed``: where a defect may sit (e.g. on the object, inside the fundus),
+    or None for anywhere; centres are drawn inside it, and lesion, colour and
+    missing-material regions are clipped to it. ``foreign``: a defect-free image of another
     material, same size as the clean one, for pasted-texture defects.
     ``scale``: multiplies every defect size (1.0 = the ranges below).
     ``contrast``: multiplies every defect strength (capped at full strength).
@@ -87,7 +90,8 @@ def apply_defect(name: str, clean: np.ndarray, rng: np.random.Generator,
         alpha = np.where(paint.region, paint.alpha, 0.0)[..., None]
         out = np.clip(np.rint(base + alpha * (paint.content - base)), 0, 255).astype(np.uint8)
         changed = (out != clean).any(axis=-1)
-        if changed[paint.region].mean() >= MIN_CHANGED_SHARE:
+        mean_change = np.abs(out[paint.region].astype(np.float64) - base[paint.region]).mean()
+        if changed[paint.region].mean() >= MIN_CHANGED_SHARE and mean_change >= MIN_MEAN_CHANGE:
             return out, paint.region.copy()
     raise RuntimeError(f"defect {name!r}: no visible draw in {MAX_TRIES} tries")
 
@@ -196,8 +200,6 @@ def scratch(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     center = pick_center(shape, rng, context.allowed, margin=int(length / 4))
     points = curve_points(center, length, bend=0.3, rng=rng)
     region = curve_region(shape, points, width=rng.uniform(1.5, 4.5))
-    if context.allowed is not None:
-        region &= context.allowed
     strength = _strength(rng, 0.3, 0.8, context)
     target = rng.uniform(0, 40) if rng.random() < 0.6 else rng.uniform(215, 255)
     content = np.full_like(clean, target) + _grain(clean.shape, rng, 3.0)
@@ -317,7 +319,13 @@ def deformation(clean: np.ndarray, rng: np.random.Generator, context: Context) -
     """A local swirl or bulge of the surface. The mask is where pixels moved >= 0.5 px."""
     shape = clean.shape[:2]
     radius = _size(rng, 18, 50, context)
-    center = pick_center(shape, rng, context.allowed, margin=int(radius / 2))
+    # Bend something: centre the warp where the image has structure (edges, vessels).
+    gray = clean.mean(axis=-1)
+    energy = ndimage.gaussian_filter(np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)), radius / 4)
+    structured = energy >= np.quantile(energy, 0.7)
+    if context.allowed is not None:
+        structured &= context.allowed
+    center = pick_center(shape, rng, structured, margin=int(radius / 2))
     yy, xx = _grid(shape)
     dy, dx = yy - center[0], xx - center[1]
     r = np.hypot(dy, dx)

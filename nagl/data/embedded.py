@@ -55,11 +55,11 @@ class Category:
     center: tuple[float, float] = (0.5, 0.5)
     jitter: tuple[float, float] = (0.2, 0.2)
     rotate: float = 5.0  # +- degrees
-    quarter_turns: bool = False  # random multiples of 90 degrees (orientation-free material)
     flip: bool = False  # random mirror
+    pad: str = "mirror"  # how the view is filled beyond the photograph (scipy.ndimage mode)
     light: float = 0.08  # +- brightness gain; gamma and shading scale with it
     foreground: str | None = None  # where defects may sit: None (anywhere), "bright", "fundus"
-    foreign_from: str | None = None  # source of pasted-texture defects
+    foreign_from: str | None = None  # category (same preset) whose images are pasted as 'foreign'
     defect_scale: float = 1.0
     defect_contrast: float = 1.0
 
@@ -71,23 +71,25 @@ OBJECT_DEFECTS = ("scratch", "missing", "colour", "deformation")
 PRESETS: dict[str, dict[str, Category]] = {
     "textures": {c.name: c for c in (
         Category("brick", "brick.png", TEXTURE_DEFECTS, tint=((45, 22, 14), (240, 178, 150)),
-                 rotate=3.0, flip=True, foreign_from="grass.png"),
+                 rotate=3.0, flip=True, foreign_from="gravel"),
         Category("grass", "grass.png", TEXTURE_DEFECTS, tint=((18, 34, 8), (205, 232, 150)),
-                 rotate=5.0, flip=True, foreign_from="gravel.png"),
+                 rotate=5.0, flip=True, foreign_from="gravel"),
         Category("gravel", "gravel.png", TEXTURE_DEFECTS, tint=((32, 28, 24), (230, 218, 200)),
-                 rotate=5.0, flip=True, foreign_from="brick.png"),
+                 rotate=5.0, flip=True, foreign_from="grass"),
     )},
     "medical": {c.name: c for c in (
         Category("fundus", "retina.jpg", MEDICAL_DEFECTS, work_scale=0.2, view=284.0, zoom=0.04,
-                 jitter=(0.02, 0.02), rotate=8.0, foreground="fundus", defect_scale=1.2),
-        Category("histology", "ihc.png", MEDICAL_DEFECTS, view=240.0, zoom=0.04,
-                 jitter=(0.08, 0.08), rotate=4.0, defect_scale=1.5, defect_contrast=1.2),
+                 jitter=(0.02, 0.02), rotate=8.0, pad="nearest", foreground="fundus", defect_scale=1.2),
+        Category("histology", "ihc.png", MEDICAL_DEFECTS, view=240.0, zoom=0.02,
+                 jitter=(0.01, 0.01), rotate=1.5, defect_scale=1.5, defect_contrast=1.3),
         Category("microscopy", "cell.png", MEDICAL_DEFECTS, tint=((0, 0, 0), (238, 242, 255)),
-                 center=(380 / 660, 370 / 550), jitter=(0.12, 0.07), rotate=10.0, flip=True),
+                 center=(380 / 660, 370 / 550), jitter=(0.08, 0.05), rotate=8.0, flip=True,
+                 defect_scale=1.3, defect_contrast=1.4),
     )},
     "objects": {c.name: c for c in (
         Category("coins", "coins.png", OBJECT_DEFECTS, tint=((0, 0, 0), (255, 246, 228)), view=300.0,
-                 zoom=0.04, jitter=(0.02, 0.02), rotate=3.0, foreground="bright", defect_scale=1.3),
+                 zoom=0.04, jitter=(0.02, 0.02), rotate=3.0, foreground="bright", defect_scale=1.5,
+                 defect_contrast=1.3),
         Category("coffee", "coffee.png", OBJECT_DEFECTS, work_scale=0.7, view=266.0, zoom=0.04,
                  center=(0.5, 0.47), jitter=(0.02, 0.02), rotate=4.0),
         Category("cat", "chelsea.png", OBJECT_DEFECTS, view=290.0, zoom=0.04,
@@ -121,7 +123,7 @@ def parse_options(spec: DatasetSpec) -> Options:
         raise NaglError(f"{where}: unknown option(s) {', '.join(unknown)}; "
                         f"embedded datasets take {', '.join(OPTION_KEYS)}")
     preset = spec.options.get("preset")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise NaglError(f"{where}: option 'preset' is {preset!r}; set it to one of {', '.join(PRESETS)}")
     known = tuple(PRESETS[preset])
     categories = spec.options.get("categories")
@@ -220,12 +222,9 @@ def _view(cat: Category, source: np.ndarray, rng: np.random.Generator) -> np.nda
     v, u = np.meshgrid(offsets, offsets, indexing="ij")
     ys = cy + v * np.cos(angle) - u * np.sin(angle)
     xs = cx + v * np.sin(angle) + u * np.cos(angle)
-    view = np.stack([ndimage.map_coordinates(source[..., c], [ys, xs], order=1, mode="mirror")
+    view = np.stack([ndimage.map_coordinates(source[..., c], [ys, xs], order=1, mode=cat.pad)
                      for c in range(3)], axis=-1)
-    turns = int(rng.integers(4)) if cat.quarter_turns else 0
-    mirror = bool(rng.integers(2)) if cat.flip else False
-    view = np.rot90(view, turns)
-    if mirror:
+    if cat.flip and rng.integers(2):
         view = view[:, ::-1]
     return np.ascontiguousarray(view)
 
@@ -245,13 +244,13 @@ def _photometric(cat: Category, view: np.ndarray, rng: np.random.Generator) -> n
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def _normal(cat: Category, rng: np.random.Generator, source_file: str | None = None) -> np.ndarray:
-    source = _source(source_file or cat.source, cat.work_scale, cat.tint)
+def _normal(cat: Category, rng: np.random.Generator) -> np.ndarray:
+    source = _source(cat.source, cat.work_scale, cat.tint)
     return _photometric(cat, _view(cat, source, rng), rng)
 
 
 def _allowed(cat: Category, clean: np.ndarray) -> np.ndarray | None:
-    """Where a defect may be centred: on the object, inside the fundus, or anywhere."""
+    """Where a defect may sit: on the object, inside the fundus, or (None) anywhere."""
     if cat.foreground is None:
         return None
     gray = ndimage.gaussian_filter(clean.mean(axis=-1), 2.0)
@@ -278,7 +277,8 @@ def render(dataset: str, preset: str, category_name: str, role: str, index: int)
     rng = _rng(*key, "defect")
     foreign = None
     if defect == "foreign":
-        foreign = _normal(cat, _rng(*key, "foreign"), source_file=cat.foreign_from or cat.source)
+        other = category(preset, cat.foreign_from) if cat.foreign_from else cat
+        foreign = _normal(other, _rng(*key, "foreign"))
     context = Context(allowed=_allowed(cat, clean), foreign=foreign,
                       scale=cat.defect_scale, contrast=cat.defect_contrast)
     image, mask = apply_defect(defect, clean, rng, context)
@@ -286,12 +286,12 @@ def render(dataset: str, preset: str, category_name: str, role: str, index: int)
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes with fixed settings (no metadata, fixed compression), so bytes are stable."""
+    """PNG bytes with fixed settings (no metadata, fixed zlib level), so the bytes are stable."""
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {array.dtype} {array.shape}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(
-        buffer, format="PNG", compress_level=6, optimize=False)
+        buffer, format="PNG", compress_level=1, optimize=False)
     return buffer.getvalue()
 
 

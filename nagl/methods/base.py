@@ -173,7 +173,7 @@ def prepare_references(normal: torch.Tensor | None, abnormal: torch.Tensor | Non
                         f"use features of one backbone")
 
     if patch_masks is None:
-        given = [m for m in _mask_list(abnormal_masks, k2)]
+        given = _mask_list(abnormal_masks, k2)
         patch_masks = torch.zeros((k2, g), dtype=torch.bool)
         for j, mask in enumerate(given):
             if mask is not None:

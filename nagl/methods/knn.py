@@ -22,6 +22,9 @@ class KnnNormal(Method):
     name = "knn-normal"
     trainable = False
 
+    def __init__(self, dim: int):
+        super().__init__(dim)
+
     @torch.no_grad()
     def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
               abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
@@ -34,6 +37,9 @@ class KnnNormal(Method):
 class KnnNaive(Method):
     name = "knn-naive"
     trainable = False
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
 
     @torch.no_grad()
     def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
