@@ -130,6 +130,9 @@ def training_config(profile: str = "embedded", **overrides: Any) -> TrainConfig:
 
 # ------------------------------------------------------------------- data --
 
+POOLED = "(pooled defects)"
+
+
 @dataclass
 class SourcePool:
     """The source images usable for training, split into train and validation pools.
@@ -160,8 +163,11 @@ def split_source(manifest: pd.DataFrame, config: TrainConfig, seed: int,
     A share ``val_fraction`` (rounded) of each group is held out, but the training
     pool keeps enough for an episode: ``max(normal_shots) + 1`` normal images and
     ``max(abnormal_shots) + 1`` images per defect type. Anomalies without a mask and
-    defect types too small for an episode are not used. Returns the pools and the
-    names of categories that cannot form an episode.
+    defect types too small for an episode are not used, except that a category where
+    no defect type is large enough has its masked anomalies pooled into one group
+    (:data:`POOLED`; its abnormal queries may then differ in type from the
+    references). Returns the pools and the names of categories that cannot form an
+    episode.
     """
     items = manifest.reset_index(drop=True)
     need_normal = max(config.normal_shots) + 1
@@ -174,6 +180,8 @@ def split_source(manifest: pd.DataFrame, config: TrainConfig, seed: int,
         masked = rows[(rows["label"] == 1) & rows["mask_path"].notna()]
         for defect in sorted(masked["defect_type"].unique()):
             groups[defect] = masked.index[masked["defect_type"] == defect].tolist()
+        if len(groups) > 1 and max(len(v) for k, v in groups.items() if k != "good") < need_abnormal:
+            groups = {"good": groups["good"], POOLED: masked.index.tolist()}
         for group, indices in groups.items():
             need = need_normal if group == "good" else need_abnormal
             if len(indices) < need:
@@ -471,6 +479,7 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
         "backbone_identity": backbone_identity,
         "grid": list(store.grid),
         "seed": seed,
+        "training_profile": config.profile,
         "training": {**asdict(config), "selected_epoch": selected, "skipped_categories": skipped,
                      "train_categories": train_pool.categories(),
                      "n_validation_episodes": len(val_eps)},

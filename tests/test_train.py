@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -17,6 +18,7 @@ from nagl.methods import create_method, load_method
 from nagl.models.backbones import create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.train import (
+    POOLED,
     FeatureStore,
     draw_episode,
     evaluate,
@@ -81,6 +83,18 @@ def test_validation_split_is_source_only_disjoint_and_seeded(source):
     assert again.normals == train.normals and again.anomalies == train.anomalies
 
 
+def test_defect_types_too_small_are_pooled():
+    rows = [("c", "train", 0, "good", f"c/train/good/{i}.png", None) for i in range(5)]
+    rows += [("c", "test", 1, d, f"c/test/{d}/0.png", f"c/ground_truth/{d}/0_mask.png") for d in ("hole", "stain")]
+    rows += [("c", "test", 1, "dent", "c/test/dent/0.png", None), ("d", "train", 0, "good", "d/train/good/0.png", None)]
+    manifest = pd.DataFrame(rows, columns=["category", "split", "label", "defect_type", "image_path", "mask_path"])
+    train, _, skipped = split_source(manifest, training_config("smoke", normal_shots=[2]), seed=0)
+    assert train.anomalies["c"] == {POOLED: [5, 6]}  # one masked image per type: pooled; no mask: unused
+    assert skipped == ["d"]  # a category without anomalies cannot form an episode
+    episode = draw_episode(train, np.random.default_rng(0), training_config("smoke", normal_shots=[2]))
+    assert episode.category == "c" and len(episode.normal) == 2 and episode.defect == POOLED
+
+
 def test_episodes_follow_the_rules(source):
     config = training_config("embedded")
     manifest = source["manifest"]
@@ -141,7 +155,7 @@ def test_same_seed_same_weights_and_checkpoint(source, tmp_path):
     assert info["source_manifest_sha256"] == sha256_file(source["dir"] / "manifest.parquet")
     assert info["checkpoint_hash"] == sha256_file(tmp_path / "a" / "weights.safetensors")
     assert info["params_trainable"] == info["params_head"] == first.method.parameter_counts()[1]
-    assert info["training"]["profile"] == "embedded" and info["train_seconds"] > 0
+    assert info["training"]["profile"] == info["training_profile"] == "embedded" and info["train_seconds"] > 0
     restored = load_method(tmp_path / "a")
     query = source["cache"].load(list(source["manifest"]["image_sha256"][:3]))
     assert torch.equal(restored.score(query[:1], query[1:2], query[2:3], None, (32, 32)),

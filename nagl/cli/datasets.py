@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -11,7 +12,8 @@ from rich.table import Table
 from nagl.errors import NaglError
 
 datasets_app = typer.Typer(help="Prepare, inspect and version datasets.", no_args_is_help=True)
-console = Console()
+# Piped output is not cut to 80 columns: the table is the point of `list`.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _status(name: str) -> dict:
