@@ -15,6 +15,7 @@ and the pseudo-mask for an abnormal reference without a usable mask.
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -205,6 +206,28 @@ def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def _blur_1d(lines: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur along the last axis of ``(N, L)``, truncated at 4 sigma, mirror padding."""
+    if sigma <= 0:
+        return lines
+    radius = min(int(4 * sigma + 0.5), lines.shape[-1] - 1)
+    padded = F.pad(lines[:, None], (radius, radius), mode="reflect")
+    return F.conv1d(padded, gaussian_kernel(sigma, radius).view(1, 1, -1))[:, 0]
+
+
+@functools.lru_cache(maxsize=16)
+def _axis_operator(n_patches: int, size: int, sigma: float) -> torch.Tensor:
+    """The ``(size, n_patches)`` matrix of linear upsampling then blurring along one axis.
+
+    Bilinear upsampling (``align_corners=False``) and the Gaussian blur are both
+    separable and linear, so a patch map's pixel map is ``A_h @ S @ A_w.T``: two
+    small matrix products instead of a 2-D convolution over every pixel.
+    """
+    basis = torch.eye(n_patches)[:, None, :, None]  # one unit impulse per patch row
+    up = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0]
+    return _blur_1d(up, sigma).T.contiguous()
+
+
 def anomaly_maps(S: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
     """Patch maps ``(Q, h, w)`` to pixel maps ``(Q, size, size)``.
 
@@ -213,15 +236,9 @@ def anomaly_maps(S: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor
     """
     if S.ndim != 3:
         raise NaglError(f"expected patch maps of shape (Q, h, w), got {tuple(S.shape)}")
-    maps = F.interpolate(S.float()[:, None], size=(size, size), mode="bilinear", align_corners=False)
-    if sigma > 0:
-        radius = min(int(4 * sigma + 0.5), size - 1)
-        kernel = gaussian_kernel(sigma, radius)
-        maps = F.pad(maps, (radius, radius, 0, 0), mode="reflect")
-        maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
-        maps = F.pad(maps, (0, 0, radius, radius), mode="reflect")
-        maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))
-    return maps[:, 0]
+    rows = _axis_operator(S.shape[1], size, float(sigma))
+    cols = _axis_operator(S.shape[2], size, float(sigma))
+    return rows @ S.float() @ cols.T
 
 
 def image_scores(S: torch.Tensor) -> torch.Tensor:
