@@ -13,7 +13,8 @@ from nagl.data.prepare import prepare_dataset
 from nagl.errors import NaglError
 from nagl.io import sha256_file
 
-from .conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL_REGISTRY = """
 datasets:

@@ -31,7 +31,7 @@ datasets:
     kind: embedded
     domain: medical-microscopy
     preset: medical
-    categories: [cell]
+    categories: [microscopy]
     counts: {train_good: 6, test_good: 3, test_anomalous: 4}
 """
 

@@ -125,6 +125,8 @@ def run_workflow(config_file: Optional[Path], cores: int, dry_run: bool, targets
     from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings,
                                           OutputSettings, ResourceSettings)
 
+    from snakemake_interface_common.exceptions import WorkflowError
+
     from nagl.config import load_config
     from nagl.settings import project_dir
 
@@ -139,11 +141,17 @@ def run_workflow(config_file: Optional[Path], cores: int, dry_run: bool, targets
             resource_settings=ResourceSettings(cores=cores, resources={"dvc": 1}),
             config_settings=ConfigSettings(configfiles=[config_path], replace_workflow_config=True),
             snakefile=snakefile, workdir=workdir)
-        dag = workflow.dag(DAGSettings(targets=frozenset(targets or ())))
+        # force_incomplete: jobs of a killed run are redone (their finished cells are kept).
+        dag = workflow.dag(DAGSettings(targets=frozenset(targets or ()), force_incomplete=True))
         if not dry_run:
             dag.unlock()  # a lock left by a killed run; no other run holds it (see _exclusive_run)
-        dag.execute_workflow(executor="dryrun" if dry_run else "local",
-                             execution_settings=ExecutionSettings(keep_going=False))
+        try:
+            dag.execute_workflow(executor="dryrun" if dry_run else "local",
+                                 execution_settings=ExecutionSettings(keep_going=False))
+        except WorkflowError as error:
+            raise NaglError(f"the workflow stopped: {error}\nSnakemake names the failed step and its "
+                            f"log ({config['results']}/logs/...) above. Fix the cause and run `nagl run` "
+                            f"again: finished work is kept.") from None
     return {"database": workdir / config["results"] / "benchmark.duckdb", "report": workdir / config["report"]}
 
 
