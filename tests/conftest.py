@@ -61,3 +61,13 @@ def project(tmp_path, monkeypatch):
         return root
 
     return build
+
+
+@pytest.fixture
+def downloads(tmp_path, monkeypatch):
+    """An empty downloads folder (NAGL_DOWNLOADS), offline: archives are placed by hand."""
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    monkeypatch.setenv("NAGL_DOWNLOADS", str(folder))
+    monkeypatch.setenv("NAGL_OFFLINE", "1")
+    return folder

@@ -20,14 +20,6 @@ from dataset_fixtures import write_tar, write_zip
 URL = "https://example.org/data/toy.tar.gz"
 
 
-@pytest.fixture
-def downloads(tmp_path, monkeypatch):
-    folder = tmp_path / "downloads"
-    folder.mkdir()
-    monkeypatch.setenv("NAGL_DOWNLOADS", str(folder))
-    monkeypatch.setenv("NAGL_OFFLINE", "1")
-    return folder
-
 
 def toy_archive(path: Path) -> Path:
     return write_tar(path, {"toy/a.txt": b"alpha", "toy/sub/b.txt": b"beta"})

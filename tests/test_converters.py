@@ -24,14 +24,6 @@ from nagl.errors import MissingDataError, NaglError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def downloads(tmp_path, monkeypatch):
-    folder = tmp_path / "downloads"
-    folder.mkdir()
-    monkeypatch.setenv("NAGL_DOWNLOADS", str(folder))
-    monkeypatch.setenv("NAGL_OFFLINE", "1")
-    return folder
-
 
 def spec_for(name: str, kind: str, archive: fx.FixtureArchive | None = None, **options) -> DatasetSpec:
     if archive is not None:
