@@ -45,9 +45,7 @@ def validate_config(config: dict, origin: str = "config") -> dict:
     if 0 in config["shots"]["k_normal"] and 0 in config["shots"]["k_abnormal"]:
         raise NaglError(f"{origin}: shots: k_normal and k_abnormal both contain 0, and a cell "
                         f"with no references at all cannot be scored; remove 0 from one list")
-    from nagl.methods import create_method  # local: keeps config loading light
-
-    trainable = [m for m in config["methods"] if create_method(m, dim=8).trainable]
+    trainable = [m for m in config["methods"] if is_trainable(m)]
     if trainable and not config["sources"]:
         raise NaglError(f"{origin}: sources is empty but {', '.join(trainable)} must be trained "
                         f"on a source dataset; name at least one source")
@@ -77,9 +75,9 @@ def load_config(path: str | Path | None = None) -> dict:
 
 
 def is_trainable(method: str) -> bool:
-    from nagl.methods import create_method
+    from nagl.methods import method_class  # local: keeps config loading light
 
-    return create_method(method, dim=8).trainable
+    return method_class(method).trainable
 
 
 def cell_settings(config: dict, method: str) -> dict[str, Any]:

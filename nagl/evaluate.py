@@ -24,7 +24,7 @@ from nagl.data.images import load_mask, load_rgb
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.errors import NaglError
-from nagl.io import read_json, sha256_file, stable_hash
+from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method
 from nagl.methods.base import anomaly_maps, image_scores
 from nagl.metrics import image_metrics, pixel_metrics
@@ -260,7 +260,3 @@ class Evaluator:
 
 def evaluate_job(config: dict, method: str, source: str, target: str) -> list[str]:
     return Evaluator(config, method, source, target, Path(config["results"])).run()
-
-
-def checkpoint_digest(weights_file: Path) -> str:
-    return sha256_file(weights_file)[:16]
