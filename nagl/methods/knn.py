@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from nagl.methods.base import MaskInput, Method, infer_grid, normal_scores, prepare_references
+from nagl.methods.base import MaskInput, Method, References, infer_grid, normal_scores, prepare_references
 
 
 class KnnNormal(Method):
@@ -30,27 +30,20 @@ class KnnNormal(Method):
               abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
               grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
         h, w = grid = infer_grid(query.shape[1], grid)
-        refs = prepare_references(normal, abnormal, abnormal_masks, grid)
-        return (1.0 - normal_scores(query.float(), refs.bank, chunk)).reshape(-1, h, w)
-
-
-class KnnNaive(Method):
-    name = "knn-naive"
-    trainable = False
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-
-    @torch.no_grad()
-    def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
-              abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
-              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
-        h, w = grid = infer_grid(query.shape[1], grid)
         query = query.float()
         refs = prepare_references(normal, abnormal, abnormal_masks, grid)
-        s_n = normal_scores(query, refs.bank, chunk)
+        return self._merge(query, refs, normal_scores(query, refs.bank, chunk), chunk).reshape(-1, h, w)
+
+    def _merge(self, query: torch.Tensor, refs: References, s_n: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The patch map from ``s_n`` (and, in subclasses, the abnormal references)."""
+        return 1.0 - s_n
+
+
+class KnnNaive(KnnNormal):
+    name = "knn-naive"
+
+    def _merge(self, query: torch.Tensor, refs: References, s_n: torch.Tensor, chunk: int) -> torch.Tensor:
         if refs.k_abnormal == 0:
-            return (1.0 - s_n).reshape(-1, h, w)
-        abnormal_patches = refs.abnormal[refs.patch_mask]
-        s_abn = normal_scores(query, abnormal_patches, chunk)
-        return ((s_abn + 1.0 - s_n) / 2.0).reshape(-1, h, w)
+            return 1.0 - s_n
+        s_abn = normal_scores(query, refs.abnormal[refs.patch_mask], chunk)
+        return (s_abn + 1.0 - s_n) / 2.0

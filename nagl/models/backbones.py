@@ -105,6 +105,14 @@ class Backbone(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    def _use_weights(self, path: Path | None, seed: int) -> None:
+        """Load a weights file (subclasses define ``_load``), or keep the seeded random init."""
+        if path is None:
+            self.weights_id = f"random-seed{seed}"
+        else:
+            self._load(path)
+            self.weights_id = weights_digest(path)
+
     @property
     def identity(self) -> str:
         """Stable identity of the features: name, input size, variant and weights hash."""
@@ -271,11 +279,7 @@ class TimmViT(Backbone):
             raise NaglError(f"image_size must be a multiple of {patch} for backbone {name!r}, got {image_size}")
         self.grid = tuple(self.model.patch_embed.grid_size)
         self.dim = self.model.num_features
-        if path is None:
-            self.weights_id = f"random-seed{seed}"
-        else:
-            self._load(path)
-            self.weights_id = weights_digest(path)
+        self._use_weights(path, seed)
 
     def _load(self, path: Path) -> None:
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -343,11 +347,7 @@ class OpenClipViT(Backbone):
         self.variant = "blocks=" + "+".join(str(layer) for layer in layers)
         self.grid = tuple(self.visual.grid_size)
         self.dim = self.visual.transformer.width * len(layers)
-        if path is None:
-            self.weights_id = f"random-seed{seed}"
-        else:
-            self._load(path)
-            self.weights_id = weights_digest(path)
+        self._use_weights(path, seed)
 
     def _load(self, path: Path) -> None:
         from timm.layers import resample_abs_pos_embed
