@@ -80,6 +80,12 @@ def is_trainable(method: str) -> bool:
     return method_class(method).trainable
 
 
+def run_datasets(config: dict) -> list[str]:
+    """The datasets a run needs: its targets, and its sources when a method is trained."""
+    trains = any(is_trainable(method) for method in config["methods"])
+    return sorted(set(config["targets"]) | (set(config["sources"]) if trains else set()))
+
+
 def cell_settings(config: dict, method: str) -> dict[str, Any]:
     """The settings that determine a cell's numbers (beyond its key and the data)."""
     settings = {

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from nagl.config import TRAINING_FREE_SOURCE, cell_settings, cell_settings_hash, is_trainable
+from nagl.config import TRAINING_FREE_SOURCE, cell_settings_hash, is_trainable
 from nagl.data.images import load_mask, load_rgb
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
@@ -144,7 +144,6 @@ class Evaluator:
         self.manifest = read_manifest(self.root)
         self.has_masks = bool(self.manifest["mask_path"].notna().any())
         self.settings_hash = cell_settings_hash(config, method)
-        self.method_config_hash = stable_hash(cell_settings(config, method))
         self.checkpoint_hash = None
         self.train_seconds = None
         if self.trainable:
@@ -161,6 +160,10 @@ class Evaluator:
             self.method = create_method(method, dim=self.backbone.dim)
         if hasattr(self.method, "eval"):
             self.method.eval()
+        # The method's own settings (its config, and how it was trained), apart from the
+        # run-level settings in config_hash.
+        self.method_config_hash = stable_hash({"method": self.method.config_hash(),
+                                               "training": config["training"] if self.trainable else None})
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
 

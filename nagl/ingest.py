@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from nagl.config import run_datasets
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.data.registry import load_registry
@@ -39,9 +40,5 @@ def provenance(config: dict) -> dict[str, str]:
 def ingest_run(config: dict, job_files: list[Path], db_path: Path) -> dict:
     """Rebuild ``db_path`` from the cells that the given evaluation jobs list."""
     cells = [Path(cell) for job in sorted(job_files) for cell in read_json(job)["cells"]]
-    from nagl.config import is_trainable
-
-    trains = any(is_trainable(method) for method in config["methods"])
-    names = sorted(set(config["targets"]) | (set(config["sources"]) if trains else set()))
-    return ingest(Path(config["results"]), Path(db_path), dataset_rows(names), provenance(config),
-                  cell_dirs=cells)
+    return ingest(Path(config["results"]), Path(db_path), dataset_rows(run_datasets(config)),
+                  provenance(config), cell_dirs=cells)

@@ -19,7 +19,7 @@ CREATE TABLE runs (
     eval_resolution     INTEGER NOT NULL,     -- pixel metrics are computed at this size
     n_queries           INTEGER NOT NULL,
     n_anomalous_queries INTEGER NOT NULL,
-    config_hash         VARCHAR NOT NULL,     -- hash of the whole run config
+    config_hash         VARCHAR NOT NULL,     -- hash of the settings that determine the cell (backbone, sizes, training)
     method_config_hash  VARCHAR NOT NULL,     -- hash of the method's own settings
     checkpoint_hash     VARCHAR,              -- NULL for training-free methods
     source_dataset_hash VARCHAR,              -- DVC content hash; NULL for source '-'

@@ -3,7 +3,7 @@ import sys
 
 from snakemake.utils import validate
 
-from nagl.config import is_trainable, validate_config, write_effective_config
+from nagl.config import is_trainable, run_datasets, validate_config, write_effective_config
 
 validate(config, schema="../schemas/config.schema.yaml")
 config = validate_config(dict(config), origin="snakemake config")
@@ -18,7 +18,7 @@ RUN_CONFIG = write_effective_config(config)
 
 TRAINABLE = [m for m in config["methods"] if is_trainable(m)]
 TRAINING_FREE = [m for m in config["methods"] if not is_trainable(m)]
-DATASETS = sorted(set(config["targets"]) | (set(config["sources"]) if TRAINABLE else set()))
+DATASETS = run_datasets(config)
 
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_-]*",
