@@ -126,7 +126,7 @@ def main() -> None:
                   + f"   (all k: {np.mean(means):.3f})")
         print("\nper-domain mean image AUROC")
         for preset, means in domain_means.items():
-            print(f"  {preset:<10} " + "  ".join(f"k={k}: {m:.3f}" for k, m in zip(SHOTS, means))
+            print(f"  {preset:<10} " + "  ".join(f"k={k}: {m:.3f}" for k, m in zip(SHOTS, means, strict=False))
                   + f"  mean {np.mean(means):.3f}")
 
 

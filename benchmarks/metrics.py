@@ -45,7 +45,7 @@ def main() -> None:
         masks, maps = cell(size, rng)
         for dtype in (np.float32, np.float64):
             typed = maps.astype(dtype)
-            seconds = best_time(lambda: pixel_metrics(masks, typed))
+            seconds = best_time(lambda m=masks, t=typed: pixel_metrics(m, t))
             values = pixel_metrics(masks, typed)
             pretty = ", ".join(f"{k}={v:.4f}" for k, v in values.items())
             print(f"  {size:>3} px  {np.dtype(dtype).name:<7}  {masks.size / 1e6:5.2f} M pixels  {seconds * 1000:7.1f} ms  ({pretty})")

@@ -97,7 +97,7 @@ def s_a_maps(method, query: torch.Tensor, refs, grid, r_q: torch.Tensor) -> torc
     keys, values, allowed = _abnormal_tokens(refs, pos)
     proxies = method.head.residual_proxies(keys[None], values[None], allowed[None])
     out = []
-    for part, rq in zip(query.split(16), r_q.split(16)):
+    for part, rq in zip(query.split(16), r_q.split(16), strict=False):
         anomaly = method.head.anomaly_proxies(proxies.expand(part.shape[0], -1, -1), rq + pos, part)
         out.append(abnormal_guided(part, anomaly))
     return torch.cat(out)
@@ -115,7 +115,7 @@ def decompose(domain: Domain, heads: dict, categories=None, shots=SHOTS) -> dict
     """Per (head, k_normal): lists over cells of AUROCs and spreads of the two terms."""
     grid = (32, 32)
     out: dict = {}
-    for category, seed, split in cells(domain, categories):
+    for _category, _seed, split in cells(domain, categories):
         query = domain.feats(split.queries)
         labels = split.queries["label"].to_numpy()
         qmask = pool_masks(domain.masks(split.queries), grid)  # (Q, G)
@@ -178,7 +178,7 @@ def section_diag(domains: dict[str, Domain]) -> None:
     print("\n== reference masks at test time (k_abnormal = 1, image_size 256 -> 32x32) ==")
     for d in domains.values():
         counts, pseudo, pix = [], 0, []
-        for category, seed, split in cells(d):
+        for _category, _seed, split in cells(d):
             m = d.masks(split.abnormal)
             pooled = pool_masks(m, (32, 32))
             counts.append(int(pooled.sum()))
@@ -212,7 +212,7 @@ def heldout_auroc(method, domain: Domain, category: str, shots=(1, 4)) -> dict[f
     (``lam = 1`` ranks exactly like NAGL's ``S``, ``lam = 0`` is knn-normal)."""
     grid = (32, 32)
     scores: dict[float, list[float]] = {lam: [] for lam in LAMBDAS}
-    for _, seed, split in cells(domain, [category]):
+    for _, _seed, split in cells(domain, [category]):
         query = domain.feats(split.queries)
         labels = split.queries["label"].to_numpy()
         for k in shots:
@@ -235,14 +235,21 @@ def train_curve(domain: Domain, categories: list[str], overrides: dict, seed: in
     import math
 
     from nagl.io import stable_hash
-    from nagl.train import (FeatureStore, draw_episode, episode_loss, evaluate, split_source,
-                            training_config, validation_episodes)
+    from nagl.train import (
+        FeatureStore,
+        draw_episode,
+        episode_loss,
+        evaluate,
+        split_source,
+        training_config,
+        validation_episodes,
+    )
 
     config = training_config("embedded", **overrides)
     manifest = domain.manifest[domain.manifest["category"].isin(categories)].reset_index(drop=True)
     train_pool, val_pool, _ = split_source(manifest, config, seed, domain.name)
     val_eps = validation_episodes(train_pool, val_pool, config, seed)
-    lookup = {sha: domain.features[domain.row[p]] for sha, p in zip(manifest["image_sha256"], manifest["image_path"])}
+    lookup = {sha: domain.features[domain.row[p]] for sha, p in zip(manifest["image_sha256"], manifest["image_path"], strict=False)}
     store = FeatureStore(manifest, domain.dir, lookup, (32, 32), config.mask_size)
     model = create_method("nagl", store.dim, proxies=config.proxies, heads=config.heads, seed=seed)
     optimiser = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -261,7 +268,7 @@ def train_curve(domain: Domain, categories: list[str], overrides: dict, seed: in
     record(0)
     for epoch in range(1, config.epochs + 1):
         model.head.train()
-        for step in range(steps):
+        for _step in range(steps):
             batch = [draw_episode(train_pool, rng, config) for _ in range(config.batch)]
             loss, _ = episode_loss(model, batch, store, config)
             optimiser.zero_grad(set_to_none=True)

@@ -22,8 +22,6 @@ A metric that is not defined (only one class present, or no masks at all) is
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 from scipy import ndimage
 
@@ -94,7 +92,7 @@ def _roc_pr(tp: np.ndarray, fp: np.ndarray) -> dict[str, float]:
     return {"auroc": auroc, "ap": ap, "f1max": f1max}
 
 
-def image_metrics(labels, scores) -> dict[str, Optional[float]]:
+def image_metrics(labels, scores) -> dict[str, float | None]:
     """Image AUROC, AP, F1-max of scores (higher = more anomalous) against 0/1 labels."""
     labels = np.asarray(labels).ravel()
     scores = _finite_scores(scores, "image scores").ravel()
@@ -111,7 +109,7 @@ def image_metrics(labels, scores) -> dict[str, Optional[float]]:
     return _roc_pr(tp, fp)
 
 
-def _pixel_inputs(masks, maps) -> tuple[Optional[np.ndarray], np.ndarray]:
+def _pixel_inputs(masks, maps) -> tuple[np.ndarray | None, np.ndarray]:
     maps = _finite_scores(maps, "anomaly maps")
     if maps.ndim != 3:
         raise NaglError(f"anomaly maps must be an (N, H, W) array, got shape {maps.shape}")
@@ -146,7 +144,7 @@ def _check_limit(fpr_limit: float) -> None:
         raise NaglError(f"fpr_limit must be in (0, 1], got {fpr_limit}; fix the AUPRO setting")
 
 
-def _pixel_metrics(masks, maps, fpr_limit: float, with_roc_pr: bool) -> dict[str, Optional[float]]:
+def _pixel_metrics(masks, maps, fpr_limit: float, with_roc_pr: bool) -> dict[str, float | None]:
     _check_limit(fpr_limit)
     masks, maps = _pixel_inputs(masks, maps)
     undefined = dict.fromkeys(PIXEL_METRICS)
@@ -175,7 +173,7 @@ def _pixel_metrics(masks, maps, fpr_limit: float, with_roc_pr: bool) -> dict[str
     return result
 
 
-def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, Optional[float]]:
+def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, float | None]:
     """Pixel AUROC, AP, F1-max and AUPRO of maps (N, H, W) against boolean masks (N, H, W).
 
     ``masks=None`` (a dataset without masks), or masks without any anomalous or
@@ -184,6 +182,6 @@ def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, Optional[flo
     return _pixel_metrics(masks, maps, fpr_limit, with_roc_pr=True)
 
 
-def aupro(masks, maps, fpr_limit: float = 0.3) -> Optional[float]:
+def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
     """AUPRO up to ``fpr_limit``, normalised to [0, 1] (see the module docstring)."""
     return _pixel_metrics(masks, maps, fpr_limit, with_roc_pr=False)["aupro"]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -195,7 +195,7 @@ def predict_folder(images: str | Path, normal: str | Path | None, out: str | Pat
     out = Path(out)
     map_dir = out / "maps"
     map_dir.mkdir(parents=True, exist_ok=True)
-    for path, heat_map in zip(queries, maps):
+    for path, heat_map in zip(queries, maps, strict=False):
         with atomic_path(map_dir / f"{path.stem}.png") as tmp:
             Image.fromarray(overlay(load_rgb(path), heat_map, low, high)).save(tmp, format="PNG")
     frame = pd.DataFrame({"file": [p.name for p in queries], "score": scores})

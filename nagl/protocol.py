@@ -76,7 +76,7 @@ def _clean_rows(frame: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows as plain JSON values (column-wise: far cheaper than pandas' to_dict on small frames)."""
     columns = [frame[name].tolist() for name in MANIFEST_COLUMNS]
-    records = [dict(zip(MANIFEST_COLUMNS, values)) for values in zip(*columns)]
+    records = [dict(zip(MANIFEST_COLUMNS, values, strict=False)) for values in zip(*columns, strict=False)]
     for record in records:
         if isinstance(record["mask_path"], float) and math.isnan(record["mask_path"]):
             record["mask_path"] = None
@@ -160,7 +160,7 @@ class ReferenceSplit:
     @property
     def hash(self) -> str:
         """sha256 of the split's identity: dataset, category, seed and every path with its content hash."""
-        roles = {role: zip(getattr(self, role)["image_path"], getattr(self, role)["image_sha256"]) for role in _ROLES}
+        roles = {role: zip(getattr(self, role)["image_path"], getattr(self, role)["image_sha256"], strict=False) for role in _ROLES}
         return _split_hash(self.dataset, self.category, self.seed, roles)
 
     def to_json(self) -> dict[str, Any]:
@@ -178,7 +178,7 @@ class ReferenceSplit:
         }
 
     @classmethod
-    def from_json(cls, obj: Any, source: str = "split.json") -> "ReferenceSplit":
+    def from_json(cls, obj: Any, source: str = "split.json") -> ReferenceSplit:
         """Rebuild a split from :meth:`to_json` output; the stored hash must match the content."""
         verify_split_json(obj, source)
         frames = {
@@ -192,7 +192,7 @@ class ReferenceSplit:
         atomic_write_json(path, self.to_json())
 
     @classmethod
-    def read(cls, path: str | Path) -> "ReferenceSplit":
+    def read(cls, path: str | Path) -> ReferenceSplit:
         try:
             obj = read_json(path)
         except (OSError, ValueError) as error:

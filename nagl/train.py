@@ -27,9 +27,10 @@ import copy
 import math
 import platform
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -246,7 +247,7 @@ def validation_episodes(train: SourcePool, val: SourcePool, config: TrainConfig,
                 queries[1].extend((category, index, defect) for index in indices)
     for label in (0, 1):
         queries[label] = [queries[label][i] for i in rng.permutation(len(queries[label]))]
-    ordered = [q for pair in zip(queries[0], queries[1]) for q in pair]
+    ordered = [q for pair in zip(queries[0], queries[1], strict=False) for q in pair]
     ordered += queries[0][len(ordered) // 2:] + queries[1][len(ordered) // 2:]
     episodes = []
     for number, (category, index, defect) in enumerate(ordered[: config.val_episodes]):
@@ -293,7 +294,7 @@ class FeatureStore:
         fetched: dict[int, torch.Tensor] = {}
         if missing:
             loaded = self._fetch([str(self.items.at[r, "image_sha256"]) for r in missing])
-            for row, tensor in zip(missing, loaded):
+            for row, tensor in zip(missing, loaded, strict=False):
                 fetched[row] = tensor
                 if self.used + tensor.numel() * 4 <= self.max_bytes:
                     self._features[row] = tensor

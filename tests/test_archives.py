@@ -10,12 +10,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from dataset_fixtures import write_tar, write_zip
 
 from nagl.data.archives import fetch_archive, safe_extract
 from nagl.errors import MissingDataError, NaglError
 from nagl.io import sha256_file
-
-from dataset_fixtures import write_tar, write_zip
 
 URL = "https://example.org/data/toy.tar.gz"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataset_fixtures as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import dataset_fixtures as fx
 from nagl.data import layout
 from nagl.data.converters import split_normal
 from nagl.data.registry import DatasetSpec, builder_for, load_registry

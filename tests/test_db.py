@@ -79,7 +79,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_split(target, category, seed):
     return draw_reference_split(manifest(target), target, category, seed, max_k_normal=2, max_k_abnormal=1)
 

@@ -13,7 +13,6 @@ from nagl.data.prepare import prepare_dataset
 from nagl.errors import NaglError
 from nagl.io import sha256_file
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL_REGISTRY = """
@@ -93,7 +92,7 @@ def test_dvc_lock_serialises_callers(tmp_path):
         worker.join(30)
     events = log.read_text().split()
     assert len(events) == 6
-    for start, end in zip(events[::2], events[1::2]):
+    for start, end in zip(events[::2], events[1::2], strict=False):
         assert start.startswith("start") and end.startswith("end") and start[5:] == end[3:]
 
 

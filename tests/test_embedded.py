@@ -136,7 +136,7 @@ def test_dataset_name_changes_the_images():
 
 
 def test_default_plan_has_enough_images_and_defect_types():
-    for name, spec in load_registry(REPO / "config" / "datasets.yaml").items():
+    for _name, spec in load_registry(REPO / "config" / "datasets.yaml").items():
         if spec.kind != "embedded":
             continue
         options = parse_options(spec)

@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from dataset_fixtures import canonical_dataset
 from PIL import Image
 
 from nagl.data import layout
 from nagl.errors import NaglError
 from nagl.io import sha256_file
-
-from dataset_fixtures import canonical_dataset
 
 
 def save(path: Path, image: Image.Image, **kwargs) -> Path:
@@ -128,7 +127,7 @@ def test_manifest_columns_rows_and_masks(tmp_path):
     manifest = layout.write_manifest(root, "toy")
     assert tuple(manifest.columns) == layout.MANIFEST_COLUMNS
     assert len(manifest) == 10
-    keys = list(zip(manifest["category"], manifest["split"], manifest["defect_type"], manifest["image_path"]))
+    keys = list(zip(manifest["category"], manifest["split"], manifest["defect_type"], manifest["image_path"], strict=False))
     assert keys == sorted(keys)
     row = manifest[manifest["image_path"] == "a/test/scratch/001.png"].iloc[0]
     assert row["label"] == 1 and row["split"] == "test" and row["dataset"] == "toy"

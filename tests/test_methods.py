@@ -45,7 +45,7 @@ def test_anomaly_maps_match_scipy_on_the_upsampled_map():
     maps = anomaly_maps(S, 32, sigma=2.0)
     assert maps.shape == (2, 32, 32)
     up = torch.nn.functional.interpolate(S[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
-    for got, source in zip(maps.numpy(), up.numpy()):
+    for got, source in zip(maps.numpy(), up.numpy(), strict=False):
         expected = ndimage.gaussian_filter(source.astype(np.float64), sigma=2.0, mode="mirror", truncate=4.0)
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
@@ -132,7 +132,7 @@ def test_knn_normal_is_one_minus_best_similarity():
     S = create_method("knn-normal", 10).score(query, normal, grid=(3, 4))
     assert S.shape == (3, 3, 4)
     bank = normal.reshape(-1, 10).numpy()
-    for q, s in zip(query.numpy(), S.numpy()):
+    for q, s in zip(query.numpy(), S.numpy(), strict=False):
         np.testing.assert_allclose(s.ravel(), 1 - brute_sim_max(q, bank), atol=1e-6)
     # a query equal to a normal reference is normal everywhere
     same = create_method("knn-normal", 10).score(normal[:1], normal, grid=(3, 4))
@@ -158,7 +158,7 @@ def test_knn_naive_formula_and_reduction_to_knn_normal():
     naive = create_method("knn-naive", 6)
     S = naive.score(query, normal, abnormal, masks, grid)
     abnormal_patches = abnormal[0][masks[0].view(-1)].numpy()
-    for q, s in zip(query.numpy(), S.numpy()):
+    for q, s in zip(query.numpy(), S.numpy(), strict=False):
         expected = (brute_sim_max(q, abnormal_patches) + 1 - brute_sim_max(q, normal.reshape(-1, 6).numpy())) / 2
         np.testing.assert_allclose(s.ravel(), expected, atol=1e-6)
     knn = create_method("knn-normal", 6).score(query, normal, grid=grid)

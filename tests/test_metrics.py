@@ -33,7 +33,7 @@ def slow_aupro(masks, maps, fpr_limit) -> float:
         pro = float(np.mean([np.mean(maps[i][region] >= threshold) for i, region in regions]))
         points.append((fpr, pro))
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if x1 <= fpr_limit:
             area += (x1 - x0) * (y0 + y1) / 2
         else:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from nagl.errors import NaglError
+from nagl.io import sha256_file
 from nagl.methods import create_method, load_method
 from nagl.methods.base import prepare_references
 from nagl.methods.nagl import head_count, position_encoding
-from nagl.io import sha256_file
 
 GRID = (4, 6)  # not square: catches a row/column mix-up
 G = GRID[0] * GRID[1]

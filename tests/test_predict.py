@@ -57,7 +57,7 @@ def test_predict_round_trip_knn_normal(folders, tmp_path):
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns) == ["file", "score"]
     assert list(scores["file"]) == ["defect_0.png", "defect_1.png", "good_0.png", "good_1.png"]
-    by_file = dict(zip(scores["file"], scores["score"]))
+    by_file = dict(zip(scores["file"], scores["score"], strict=False))
     assert min(by_file["defect_0.png"], by_file["defect_1.png"]) > max(by_file["good_0.png"], by_file["good_1.png"])
     for name in by_file:
         with Image.open(out / "maps" / name) as overlay:

@@ -12,15 +12,23 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from report_fixtures import (
+    DEFECTS,
+    METHODS,
+    NO_MASK_TARGET,
+    ODD_TARGET,
+    SCHEMA,
+    TARGETS,
+    build_results_db,
+    dataset_hash,
+)
 from typer.testing import CliRunner
 
 from nagl.errors import NaglError
 from nagl.report import build_report
 from nagl.report.build import json_for_script
-from report_fixtures import (DEFECTS, METHODS, NO_MASK_TARGET, ODD_TARGET, SCHEMA, TARGETS, build_results_db,
-                             dataset_hash)
 
-WHEN = dt.datetime(2025, 7, 1, 9, 30, tzinfo=dt.timezone.utc)
+WHEN = dt.datetime(2025, 7, 1, 9, 30, tzinfo=dt.UTC)
 HEADLINE = (("image", "auroc"), ("pixel", "auroc"), ("pixel", "aupro"))
 
 
@@ -103,7 +111,7 @@ def expected_leaderboard(db: Path) -> dict[tuple, tuple[float | None, float | No
                    r.in_domain, m.level, m.metric, m.value
             FROM runs r JOIN metrics m USING (run_id)""").fetchall()
     cells: dict[tuple, list[float]] = {}
-    for method, kn, ka, seed, source, target, category, in_domain, level, metric, value in rows:
+    for method, kn, ka, seed, source, target, _category, in_domain, level, metric, value in rows:
         if in_domain or value is None or (level, metric) not in HEADLINE:
             continue
         cells.setdefault((method, kn, ka, level, metric, seed, target, source), []).append(value)
@@ -119,7 +127,7 @@ def expected_leaderboard(db: Path) -> dict[tuple, tuple[float | None, float | No
     for (*head, _target), values in per_target.items():
         per_seed.setdefault(tuple(head), []).append(mean(values))
     by_setting: dict[tuple, list[tuple[float, int]]] = {}
-    for (*head, seed), values in per_seed.items():
+    for (*head, _seed), values in per_seed.items():
         by_setting.setdefault(tuple(head), []).append((mean(values), len(values)))
     result = {}
     for key, values in by_setting.items():
@@ -319,7 +327,7 @@ def test_efficiency_and_provenance(page):
 def test_report_is_deterministic_apart_from_its_timestamp(db, page, tmp_path):
     later = build_report(db, tmp_path / "again.html", generated=WHEN + dt.timedelta(days=3))
     first, second = page.splitlines(), later.read_text(encoding="utf-8").splitlines()
-    differing = [a for a, b in zip(first, second) if a != b]
+    differing = [a for a, b in zip(first, second, strict=False) if a != b]
     assert len(first) == len(second) and len(differing) == 1 and 'id="generated-at"' in differing[0]
 
 

@@ -20,9 +20,9 @@ if not CHROMIUM.is_file():
                 allow_module_level=True)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
+from report_fixtures import METHODS, ODD_TARGET, build_results_db  # noqa: E402
 
 from nagl.report import build_report  # noqa: E402
-from report_fixtures import METHODS, ODD_TARGET, build_results_db  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -38,7 +38,7 @@ def browser_page(tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser")
     db = build_results_db(folder / "benchmark.duckdb")
     report = build_report(db, folder / "leaderboard.html",
-                          generated=dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc))
+                          generated=dt.datetime(2025, 7, 1, tzinfo=dt.UTC))
     events: dict[str, list[str]] = {"errors": [], "requests": [], "dialogs": []}
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

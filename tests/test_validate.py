@@ -6,13 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
+from dataset_fixtures import canonical_dataset
 from PIL import Image
 
 from nagl.data import layout
 from nagl.data.validate import Problem, raise_if_invalid, validate_dataset
 from nagl.errors import NaglError
-
-from dataset_fixtures import canonical_dataset
 
 
 @pytest.fixture

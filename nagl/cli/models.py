@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -71,7 +70,7 @@ def weights_import(
 
 
 @cache_app.command("info")
-def cache_info(root: Optional[Path] = typer.Option(None, help="cache root (default: <cache dir>/features)")) -> None:
+def cache_info(root: Path | None = typer.Option(None, help="cache root (default: <cache dir>/features)")) -> None:
     """Key spaces of the feature cache, with their images and disk usage."""
     from nagl.models.cache import cache_summary, default_root
 
@@ -85,8 +84,8 @@ def cache_info(root: Optional[Path] = typer.Option(None, help="cache root (defau
 
 @cache_app.command("clear")
 def cache_clear(
-    backbone: Optional[str] = typer.Option(None, help="clear only this backbone's features"),
-    root: Optional[Path] = typer.Option(None, help="cache root (default: <cache dir>/features)"),
+    backbone: str | None = typer.Option(None, help="clear only this backbone's features"),
+    root: Path | None = typer.Option(None, help="cache root (default: <cache dir>/features)"),
     yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
 ) -> None:
     """Delete cached features (all, or one backbone's). Not while features are being computed."""

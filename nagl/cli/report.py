@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,9 +13,9 @@ def register(app: typer.Typer) -> None:
 
 
 def report(
-    db: Optional[Path] = typer.Option(
+    db: Path | None = typer.Option(
         None, "--db", help="Results database.", show_default="results/benchmark.duckdb", dir_okay=False),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, "--out", help="HTML file to write.", show_default="reports/leaderboard.html", dir_okay=False),
 ) -> None:
     """Build the self-contained HTML leaderboard from the results database."""

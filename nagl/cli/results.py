@@ -9,7 +9,7 @@ import enum
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import typer
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-class OutputFormat(str, enum.Enum):
+class OutputFormat(enum.StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
     @app.command("query")
     def query_command(
         sql: str = typer.Argument(..., help="one read-only SQL statement, e.g. \"SELECT * FROM leaderboard\""),
-        db: Optional[Path] = typer.Option(None, "--db", help="results database [default: results/benchmark.duckdb]"),
+        db: Path | None = typer.Option(None, "--db", help="results database [default: results/benchmark.duckdb]"),
         output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json"),
     ) -> None:
         """Run a read-only SQL query on the results database (tables, and views such as leaderboard)."""

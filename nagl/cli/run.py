@@ -6,8 +6,8 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -118,13 +118,17 @@ def _exclusive_run(workdir: Path) -> Iterator[None]:
         yield
 
 
-def run_workflow(config_file: Optional[Path], cores: int, dry_run: bool, targets: list[str] | None = None,
+def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: list[str] | None = None,
                  workdir: Path | None = None) -> dict:
     """Run (or dry-run) the Snakemake workflow through its Python API."""
     from snakemake.api import SnakemakeApi
-    from snakemake.settings.types import (ConfigSettings, DAGSettings, ExecutionSettings,
-                                          OutputSettings, ResourceSettings)
-
+    from snakemake.settings.types import (
+        ConfigSettings,
+        DAGSettings,
+        ExecutionSettings,
+        OutputSettings,
+        ResourceSettings,
+    )
     from snakemake_interface_common.exceptions import WorkflowError
 
     from nagl.config import load_config
@@ -161,7 +165,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run(
-        config: Optional[Path] = typer.Option(None, "--config", "-c",
+        config: Path | None = typer.Option(None, "--config", "-c",
                                               help="run config (default: config/config.yaml)"),
         cores: int = typer.Option(os.cpu_count() or 1, "--cores", "-j", help="CPU cores to use"),
         dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would run"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,7 +12,7 @@ from nagl.errors import NaglError
 console = Console(stderr=True)
 
 
-def _shots(text: Optional[str]) -> list[int] | None:
+def _shots(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -29,12 +28,12 @@ def train(
     method: str = typer.Option("nagl", help="trainable method"),
     source: str = typer.Option(..., help="prepared source dataset (datasets/<name>)"),
     backbone: str = typer.Option("effnet-lite0", help="backbone whose cached features are used"),
-    image_size: Optional[int] = typer.Option(None, help="backbone input size (default: the backbone's)"),
+    image_size: int | None = typer.Option(None, help="backbone input size (default: the backbone's)"),
     profile: str = typer.Option("embedded", help="training profile: embedded, paper or smoke"),
     seed: int = typer.Option(0, help="seed of the weights and the episodes"),
-    normal_shots: Optional[str] = typer.Option(
+    normal_shots: str | None = typer.Option(
         None, help="normal-shot counts drawn per episode, e.g. 1,2,4 (one model for all) or 1 (one per shot)"),
-    out: Optional[Path] = typer.Option(None, help="checkpoint folder (default results/models/METHOD/BACKBONE/SOURCE)"),
+    out: Path | None = typer.Option(None, help="checkpoint folder (default results/models/METHOD/BACKBONE/SOURCE)"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Train METHOD on the SOURCE dataset (source data only) from cached backbone features."""
@@ -56,13 +55,13 @@ def train(
 
 def predict(
     images: Path = typer.Option(..., help="folder of images to check"),
-    normal: Optional[Path] = typer.Option(None, help="folder of normal reference images"),
-    abnormal: Optional[Path] = typer.Option(None, help="folder of abnormal reference images"),
-    abnormal_masks: Optional[Path] = typer.Option(
+    normal: Path | None = typer.Option(None, help="folder of normal reference images"),
+    abnormal: Path | None = typer.Option(None, help="folder of abnormal reference images"),
+    abnormal_masks: Path | None = typer.Option(
         None, help="folder of their masks (<stem>.png or <stem>_mask.png; white = defect)"),
-    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint folder or file from `nagl train`"),
-    method: Optional[str] = typer.Option(None, help="nagl, knn-normal or knn-naive (default: the checkpoint's, else nagl)"),
-    backbone: Optional[str] = typer.Option(None, help="backbone (default: the checkpoint's, else effnet-lite0)"),
+    checkpoint: Path | None = typer.Option(None, help="checkpoint folder or file from `nagl train`"),
+    method: str | None = typer.Option(None, help="nagl, knn-normal or knn-naive (default: the checkpoint's, else nagl)"),
+    backbone: str | None = typer.Option(None, help="backbone (default: the checkpoint's, else effnet-lite0)"),
     out: Path = typer.Option(..., help="folder for scores.csv, maps/ and predict.json"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:

@@ -14,8 +14,8 @@ import contextlib
 import fcntl
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 

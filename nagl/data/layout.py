@@ -29,8 +29,8 @@ EXIF orientation tags are ignored: masks are drawn on the stored pixels.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd

@@ -10,9 +10,10 @@ dataset and lives in ``nagl.data.prepare``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -60,7 +61,7 @@ def known_kinds() -> list[str]:
 
 def _import_builders() -> None:
     # Importing the modules registers their builders.
-    from nagl.data import converters, embedded  # noqa: F401
+    import nagl.data.builders  # noqa: F401
 
 
 def registry_path() -> Path:

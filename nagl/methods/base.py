@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -310,7 +311,7 @@ class Method(ABC):
         return folder
 
     @classmethod
-    def load(cls, path: str | Path) -> "Method":
+    def load(cls, path: str | Path) -> Method:
         return load_method(path)
 
 

@@ -20,7 +20,7 @@ largest number <= ``heads`` (4) that divides the feature width C.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -197,7 +197,7 @@ class NaglMethod(Method):
         """
         pos = self.position(grid)
         s_n, r_q = [], []
-        for q, refs in zip(query, references):
+        for q, refs in zip(query, references, strict=False):
             s, r = nearest_normal(q, refs.bank)
             s_n.append(s)
             r_q.append(r)

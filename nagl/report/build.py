@@ -125,6 +125,6 @@ def build_report(db_path: str | Path | None = None, out_path: str | Path | None 
     finally:
         con.close()
     _check_gallery(data, db)
-    stamp = (generated or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0).isoformat()
+    stamp = (generated or dt.datetime.now(dt.UTC)).replace(microsecond=0).isoformat()
     atomic_write_text(out, render(data, str(db), stamp))
     return out

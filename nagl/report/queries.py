@@ -88,7 +88,7 @@ def open_database(db_path: Path) -> duckdb.DuckDBPyConnection:
 def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[Row]:
     cursor = con.execute(sql)
     names = [column[0] for column in cursor.description]
-    return [{name: _clean(value) for name, value in zip(names, row)} for row in cursor.fetchall()]
+    return [{name: _clean(value) for name, value in zip(names, row, strict=False)} for row in cursor.fetchall()]
 
 
 def _clean(value: Any) -> Any:

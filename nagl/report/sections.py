@@ -14,8 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from nagl.report.figures import method_label
-from nagl.report.format import (MISSING, fmt_number, fmt_params, fmt_seconds, fmt_stat, shot_label,
-                                sort_key)
+from nagl.report.format import MISSING, fmt_number, fmt_params, fmt_seconds, fmt_stat, shot_label, sort_key
 from nagl.report.queries import HEADLINE_METRICS, METRICS, ReportData, Row
 
 GALLERY_ANOMALOUS = 3  # anomalous queries shown per target
@@ -115,7 +114,7 @@ def headline(data: ReportData) -> str:
             method, backbone, rows = entries[i]
             cells = [_td(MISSING if ranks[i] is None else str(ranks[i]), cls="rank"),
                      _td(esc(method), cls="method"), _td(esc(backbone))]
-            for (level, metric, _), row in zip(HEADLINE_METRICS, rows):
+            for (level, metric, _), row in zip(HEADLINE_METRICS, rows, strict=False):
                 mean, std = (row["mean"], row["std"]) if row else (None, None)
                 counts = _counts(row, (("n_targets", "targets"), ("n_categories", "categories"),
                                        ("n_seeds", "seeds")))
@@ -214,7 +213,7 @@ def _breakdown_table(table_id: str, data: ReportData, rows: list[Row], keys: tup
                            data_metric=_metric_slug(level, metric)))
         out += [_td(str(reference[col]), sort=sort_key(reference[col]), cls="num") for col, _ in count_cols]
         attrs = _attrs({"data-method-key": f"{method}|{backbone}", "data-shot": _shot_value(k_normal, k_abnormal),
-                        **{f"data-{k}": v for k, v in zip(keys, names)}})
+                        **{f"data-{k}": v for k, v in zip(keys, names, strict=False)}})
         lines.append(f"<tr{attrs}>{''.join(out)}</tr>")
     return (f'{_filters(table_id, data)}<div class="scroll tall"><table id="{table_id}" class="data sortable">'
             f"<thead><tr>{heads}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>")

@@ -18,8 +18,9 @@ import functools
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -88,7 +89,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _timestamp(value: Any) -> Optional[_dt.datetime]:
+def _timestamp(value: Any) -> _dt.datetime | None:
     """An ISO 8601 timestamp as naive UTC (the TIMESTAMP columns hold UTC)."""
     try:
         moment = _dt.datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -97,7 +98,7 @@ def _timestamp(value: Any) -> Optional[_dt.datetime]:
     if not isinstance(moment, _dt.datetime):
         return None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        moment = moment.astimezone(_dt.UTC).replace(tzinfo=None)
     return moment
 
 
@@ -252,7 +253,7 @@ def write_cell(
     metrics: Mapping[str, Any],
     scores_df: pd.DataFrame,
     split_json: Mapping[str, Any],
-    gallery_df: Optional[pd.DataFrame] = None,
+    gallery_df: pd.DataFrame | None = None,
 ) -> None:
     """Write one evaluation cell; every file atomically, ``run.json`` last.
 
@@ -384,7 +385,7 @@ class _Collected:
             self.splits[obj["hash"]] = _split_rows(obj)
 
 
-def _cell_folders(results_dir: Path, cell_dirs: Optional[Iterable[str | os.PathLike]]) -> list[Path]:
+def _cell_folders(results_dir: Path, cell_dirs: Iterable[str | os.PathLike] | None) -> list[Path]:
     if cell_dirs is not None:
         return sorted({Path(folder) for folder in cell_dirs})
     folders = []
@@ -457,7 +458,7 @@ def ingest(
     db_path: str | os.PathLike,
     datasets: list[dict],
     provenance: dict[str, str],
-    cell_dirs: Optional[Iterable[str | os.PathLike]] = None,
+    cell_dirs: Iterable[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Build the results database from the finished cells, models, datasets and provenance.
 
