@@ -65,7 +65,7 @@ def test_unpublished_checksum_is_recorded_then_enforced(downloads, caplog):
 
 def test_unpublished_checksum_refuses_a_file_that_is_not_an_archive(downloads):
     (downloads / "toy.tar.gz").write_text("<html>a login page</html>")
-    with pytest.raises(NaglError, match="is not a tar or zip archive"):
+    with pytest.raises(NaglError, match="is not a tar, zip, 7z or gzip archive"):
         fetch_archive("toy", URL, None, "toy.tar.gz")
     assert not (downloads / "toy.tar.gz.sha256").exists()
 
@@ -182,7 +182,7 @@ def test_safe_extract_refuses_zip_traversal_and_escaping_symlink(tmp_path):
 def test_safe_extract_rejects_non_archives_corrupt_archives_and_full_targets(tmp_path):
     text = tmp_path / "x.tar.gz"
     text.write_text("not an archive")
-    with pytest.raises(NaglError, match="not a readable tar or zip archive"):
+    with pytest.raises(NaglError, match="not a readable tar, zip, 7z or gzip archive"):
         safe_extract(text, tmp_path / "out")
     good = toy_archive(tmp_path / "good.tar")
     truncated = tmp_path / "truncated.tar"

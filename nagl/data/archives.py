@@ -2,13 +2,18 @@
 
 An archive lives at ``downloads_dir()/<filename>``. It may have been placed
 there by hand (machines without internet) or downloaded earlier; either way its
-sha256 is checked before use. Where no checksum is published, the first file
-seen is accepted and its sha256 recorded in ``<filename>.sha256`` beside it, so
-later runs detect a changed file.
+checksum is checked before use: the sha256 where one is published, else the md5
+where the release publishes that. Where no sha256 is published, the first file
+accepted has its sha256 recorded in ``<filename>.sha256`` beside it, so later
+runs detect a changed file. A release of several files (``files:``) is fetched
+with :func:`fetch_files`, each file by the same rules.
+
+Formats: tar (any compression), zip, 7z (py7zr) and a bare gzip-compressed file.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import logging
@@ -22,8 +27,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import py7zr
+
 from nagl.errors import MissingDataError, NaglError
-from nagl.io import atomic_directory, atomic_path, atomic_write_text, sha256_file
+from nagl.io import atomic_directory, atomic_path, atomic_write_text
 from nagl.settings import downloads_dir
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,8 @@ OFFLINE_ENV = "NAGL_OFFLINE"
 TIMEOUT_S = 20  # connect and per-read timeout of a download
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def offline() -> bool:
@@ -40,16 +49,21 @@ def offline() -> bool:
 
 
 def archive_format(path: str | Path) -> str | None:
-    """'zip' or 'tar' (any compression) judged by content, or None."""
+    """'zip', 'tar' (any compression), '7z' or 'gz' (one gzip-compressed file) judged by content, or None."""
     path = Path(path)
     if not path.is_file():
         return None
     if zipfile.is_zipfile(path):
         return "zip"
     try:
-        return "tar" if tarfile.is_tarfile(path) else None
+        if tarfile.is_tarfile(path):
+            return "tar"
     except (OSError, tarfile.TarError, EOFError):
-        return None
+        pass
+    if py7zr.is_7zfile(path):
+        return "7z"
+    with open(path, "rb") as handle:
+        return "gz" if handle.read(2) == _GZIP_MAGIC else None
 
 
 def recorded_sha256_path(archive: Path) -> Path:
@@ -57,10 +71,15 @@ def recorded_sha256_path(archive: Path) -> Path:
 
 
 def missing_archive_message(dataset: str, path: Path, url: str | None, sha256: str | None,
-                            reason: str, manual: bool = False) -> str:
+                            reason: str, manual: bool = False, md5: str | None = None) -> str:
     """What to place where, its checksum, where to get it, and the DVC alternative."""
-    checksum = sha256 or (f"not published; it is recorded in {path.name}.sha256 the first time "
-                          f"the file is used")
+    if sha256:
+        checksum_line = f"  sha256: {sha256}"
+    elif md5:
+        checksum_line = f"  md5:    {md5}"
+    else:
+        checksum_line = (f"  sha256: not published; it is recorded in {path.name}.sha256 the first "
+                         f"time the file is used")
     source = url or "see docs/datasets.md"
     if manual:
         source += f" (a web page: download the archive in a browser and save it as {path.name})"
@@ -68,7 +87,7 @@ def missing_archive_message(dataset: str, path: Path, url: str | None, sha256: s
         f"dataset {dataset!r} needs the archive {path.name}, which is not at {path} ({reason}).",
         "Place the file by hand:",
         f"  file:   {path}",
-        f"  sha256: {checksum}",
+        checksum_line,
         f"  get it: {source}",
         f"or, if the prepared dataset is in the DVC remote: dvc pull datasets/{dataset}",
         "(NAGL_DOWNLOADS sets the downloads folder; unset NAGL_OFFLINE to let nagl download.)",
@@ -76,10 +95,12 @@ def missing_archive_message(dataset: str, path: Path, url: str | None, sha256: s
 
 
 def fetch_archive(dataset: str, url: str | None, sha256: str | None, filename: str,
-                  *, manual: bool = False) -> Path:
+                  *, manual: bool = False, md5: str | None = None) -> Path:
     """The verified archive ``downloads_dir()/filename``, downloading it if allowed.
 
     ``manual``: the URL is a web page, not a file (nagl never downloads it).
+    ``md5``: the release's published md5, checked where no sha256 is given (the
+    sha256 is then recorded beside the file, as for releases without checksum).
     Raises MissingDataError when the file is absent and cannot be downloaded,
     NaglError when its checksum does not match.
     """
@@ -90,9 +111,13 @@ def fetch_archive(dataset: str, url: str | None, sha256: str | None, filename: s
     if expected is not None and not _SHA256.match(expected):
         raise NaglError(f"dataset {dataset!r}: sha256 {sha256!r} is not 64 hex digits; "
                         f"fix its entry in config/datasets.yaml")
+    expected_md5 = md5.strip().lower() if md5 and expected is None else None
+    if md5 and not _MD5.match(md5.strip().lower()):
+        raise NaglError(f"dataset {dataset!r}: md5 {md5!r} is not 32 hex digits; "
+                        f"fix its entry in config/datasets.yaml")
     path = downloads_dir().absolute() / filename
     if path.is_file():
-        return _verified(dataset, path, expected)
+        return _verified(dataset, path, expected, expected_md5)
     if offline():
         reason = f"offline: {OFFLINE_ENV} is set"
     elif not url:
@@ -101,33 +126,77 @@ def fetch_archive(dataset: str, url: str | None, sha256: str | None, filename: s
         reason = "this archive cannot be downloaded automatically"
     else:
         try:
-            _download(dataset, url, path, expected)
+            _download(dataset, url, path, expected, expected_md5)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
             raise MissingDataError(missing_archive_message(
-                dataset, path, url, expected, f"download failed: {error}")) from error
-        return _verified(dataset, path, expected)
-    raise MissingDataError(missing_archive_message(dataset, path, url, expected, reason, manual))
+                dataset, path, url, expected, f"download failed: {error}", md5=expected_md5)) from error
+        return _verified(dataset, path, expected, expected_md5)
+    raise MissingDataError(missing_archive_message(dataset, path, url, expected, reason, manual, md5=expected_md5))
 
 
-def _download(dataset: str, url: str, path: Path, expected: str | None) -> None:
+def fetch_files(dataset: str, files: list, *, manual: bool = False) -> list[Path]:
+    """Every file of a multi-file release, verified, in the order of ``files``.
+
+    ``files`` is the ``files:`` option: a list of ``{url, filename, sha256 | md5}``.
+    When several files are missing, one MissingDataError lists all of them.
+    """
+    if not isinstance(files, list) or not files:
+        raise NaglError(f"dataset {dataset!r}: option 'files' must be a non-empty list of "
+                        f"{{url, filename, sha256 or md5}}; fix its entry in config/datasets.yaml")
+    paths, missing = [], []
+    for number, entry in enumerate(files, start=1):
+        if not isinstance(entry, dict) or not entry.get("filename"):
+            raise NaglError(f"dataset {dataset!r}: entry {number} of 'files' needs at least 'filename' "
+                            f"(and 'url', 'sha256' or 'md5'); fix it in config/datasets.yaml")
+        try:
+            paths.append(fetch_archive(dataset, entry.get("url"), entry.get("sha256"), entry["filename"],
+                                       manual=manual, md5=entry.get("md5")))
+        except MissingDataError as error:
+            missing.append(str(error))
+    if missing:
+        raise MissingDataError(f"dataset {dataset!r} needs {len(files)} files; {len(missing)} missing:\n\n"
+                               + "\n\n".join(missing))
+    return paths
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    """(sha256, md5) of a file, read once."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            sha256.update(block)
+            md5.update(block)
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+def _download(dataset: str, url: str, path: Path, expected: str | None, expected_md5: str | None = None) -> None:
     """Download to a temporary name beside ``path``; keep it only if the checksum matches."""
     log.warning("downloading %s for dataset %r to %s", url, dataset, path)
     request = urllib.request.Request(url, headers={"User-Agent": "nagl"})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, atomic_path(path) as tmp:
-        digest = hashlib.sha256()
+        digest, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
         with open(tmp, "wb") as out:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 out.write(block)
                 digest.update(block)
+                md5.update(block)
         actual = digest.hexdigest()
         if expected is not None and actual != expected:
             raise NaglError(f"the download of {url} for dataset {dataset!r} has sha256 {actual}, "
                             f"expected {expected}; it was not kept. Try again later, or place the "
                             f"right file at {path} by hand")
+        if expected_md5 is not None and md5.hexdigest() != expected_md5:
+            raise NaglError(f"the download of {url} for dataset {dataset!r} has md5 {md5.hexdigest()}, "
+                            f"expected {expected_md5}; it was not kept. Try again later, or place the "
+                            f"right file at {path} by hand")
 
 
-def _verified(dataset: str, path: Path, expected: str | None) -> Path:
-    actual = sha256_file(path)
+def _verified(dataset: str, path: Path, expected: str | None, expected_md5: str | None = None) -> Path:
+    actual, actual_md5 = _digests(path)
+    if expected_md5 is not None and actual_md5 != expected_md5:
+        raise NaglError(f"{path} (dataset {dataset!r}) has md5 {actual_md5}, expected {expected_md5}: "
+                        f"the file is incomplete, corrupt or another release. Delete it and "
+                        f"download it again (or place the right file there)")
     if expected is not None:
         if actual != expected:
             raise NaglError(f"{path} (dataset {dataset!r}) has sha256 {actual}, expected {expected}: "
@@ -144,11 +213,12 @@ def _verified(dataset: str, path: Path, expected: str | None) -> Path:
                             f"the archive on purpose")
         return path
     if archive_format(path) is None:
-        raise NaglError(f"{path} (dataset {dataset!r}) is not a tar or zip archive; delete it and "
-                        f"place the right file there")
+        raise NaglError(f"{path} (dataset {dataset!r}) is not a tar, zip, 7z or gzip archive; delete it "
+                        f"and place the right file there")
     atomic_write_text(record, f"{actual}  {path.name}\n")
-    log.warning("%s: no checksum is published for dataset %r; accepted it and recorded its "
-                "sha256 %s in %s (later runs check against it)", path, dataset, actual, record)
+    if expected_md5 is None:
+        log.warning("%s: no checksum is published for dataset %r; accepted it and recorded its "
+                    "sha256 %s in %s (later runs check against it)", path, dataset, actual, record)
     return path
 
 
@@ -170,6 +240,39 @@ def _check_link(name: str, target: str, archive: Path, *, relative_to_member: bo
         raise NaglError(f"{archive}: link {name!r} -> {target!r} points outside the extraction "
                         f"folder; refusing to extract this archive (delete it and get it from the "
                         f"official source)")
+
+
+def _check_member(archive: Path, name: str, size: int | None) -> None:
+    """The check of one member (``size``: its declared uncompressed bytes) before the 7z and gz
+    extractors write anything: its path must stay inside the extraction folder."""
+    _check_name(name, archive)
+
+
+def _extract_7z(archive: Path, staging: Path) -> None:
+    """Plain files and folders only: 7z links are refused (no release needs them)."""
+    with py7zr.SevenZipFile(archive) as seven:
+        for info in seven.list():
+            _check_member(archive, info.filename, info.uncompressed)
+            if info.is_symlink or not (info.is_file or info.is_directory):
+                raise NaglError(f"{archive}: member {info.filename!r} is a link or special file; "
+                                f"refusing to extract this archive (delete it and get it from the "
+                                f"official source)")
+        seven.extractall(staging)
+
+
+def _extract_gz(archive: Path, staging: Path) -> None:
+    """A bare gzip file becomes one file named like the archive without ``.gz``.
+
+    The name stored in the gzip header is ignored, so it cannot lead anywhere.
+    """
+    name = archive.name[:-3] if archive.name.lower().endswith(".gz") else archive.name + ".out"
+    with open(archive, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        declared = int.from_bytes(handle.read(4), "little")  # ISIZE: the size modulo 2**32
+    _check_member(archive, name, declared)
+    with gzip.open(archive, "rb") as source, open(staging / name, "wb") as target:
+        for block in iter(lambda: source.read(_CHUNK), b""):
+            target.write(block)
 
 
 def _extract_tar(archive: Path, staging: Path) -> None:
@@ -211,7 +314,7 @@ def _extract_zip(archive: Path, staging: Path) -> None:
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a .tar/.tar.gz/.tar.xz/.zip archive into ``dest``, all or nothing.
+    """Extract a .tar/.tar.gz/.tar.xz/.zip/.7z archive or a bare .gz file into ``dest``, all or nothing.
 
     Members with absolute paths or '..', links leading outside ``dest`` and
     device files make it fail with a NaglError naming the member. Extraction
@@ -220,20 +323,17 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
     archive, dest = Path(archive), Path(dest)
     kind = archive_format(archive)
     if kind is None:
-        raise NaglError(f"{archive} is not a readable tar or zip archive; delete it and download it "
-                        f"again (or place the right file there)")
+        raise NaglError(f"{archive} is not a readable tar, zip, 7z or gzip archive; delete it and "
+                        f"download it again (or place the right file there)")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise NaglError(f"cannot extract {archive.name} into {dest}: it exists and is not empty")
     try:
         with atomic_directory(dest) as staging:
-            if kind == "zip":
-                _extract_zip(archive, staging)
-            else:
-                _extract_tar(archive, staging)
+            {"zip": _extract_zip, "7z": _extract_7z, "gz": _extract_gz, "tar": _extract_tar}[kind](archive, staging)
     except tarfile.FilterError as error:
         raise NaglError(f"{archive}: {error}; refusing to extract this archive (delete it and get "
                         f"it from the official source)") from error
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, py7zr.Bad7zFile, gzip.BadGzipFile, EOFError, OSError) as error:
         raise NaglError(f"cannot extract {archive}: {error}; the archive is probably incomplete or "
                         f"corrupt: delete it and download it again") from error
     return dest

@@ -2,7 +2,7 @@
 
 Archive-based builders (``mvtec``, ``mpdd``, ``visa``, ``btad``, ``medianomaly``)
 take the archive from :func:`nagl.data.archives.fetch_archive` (options ``url``,
-``sha256``, ``filename``, optional ``download: manual``), extract it with
+``sha256`` or ``md5``, ``filename``, optional ``download: manual``), extract it with
 :func:`~nagl.data.archives.safe_extract` into a scratch folder beside the output
 and move the images into place. ``folder`` copies a user's own folder. Every
 builder accepts ``categories: [..]`` to keep a subset.
@@ -38,15 +38,20 @@ def _where(spec: DatasetSpec) -> str:
     return f"dataset {spec.name!r} (config/datasets.yaml)"
 
 
+def _manual(spec: DatasetSpec) -> bool:
+    """The option ``download``: 'manual' (a web page, e.g. Kaggle) or 'auto' (the default)."""
+    mode = spec.options.get("download", "auto")
+    if mode not in ("auto", "manual"):
+        raise NaglError(f"{_where(spec)}: option 'download' must be 'auto' or 'manual', got {mode!r}")
+    return mode == "manual"
+
+
 def _fetch(spec: DatasetSpec) -> Path:
     options = spec.options
     if not options.get("filename"):
         raise NaglError(f"{_where(spec)}: option 'filename' (the archive's file name) is missing")
-    manual = options.get("download", "auto")
-    if manual not in ("auto", "manual"):
-        raise NaglError(f"{_where(spec)}: option 'download' must be 'auto' or 'manual', got {manual!r}")
     return fetch_archive(spec.name, options.get("url"), options.get("sha256"), options["filename"],
-                         manual=manual == "manual")
+                         manual=_manual(spec), md5=options.get("md5"))
 
 
 @contextlib.contextmanager
@@ -269,6 +274,7 @@ def build_medianomaly(spec: DatasetSpec, out_dir: Path) -> None:
             _medianomaly_from_json(spec, set_dir, out_dir / category)
         else:
             _medianomaly_from_folders(set_dir, out_dir / category)
+    check_counts(spec, out_dir)
 
 
 def _medianomaly_from_folders(set_dir: Path, dst: Path) -> None:
@@ -364,6 +370,65 @@ def split_normal(names: list[str], seed: int, train_fraction: float) -> tuple[li
     train = sorted(names[i] for i in order[:n_train])
     test = sorted(names[i] for i in order[n_train:])
     return train, test
+
+
+COUNT_KEYS = ("train_good", "test_good", "test_anomalous", "masks", "images")
+ALL_CATEGORIES = "all"  # a `counts` key: the sums over every category
+
+
+def category_counts(category_dir: Path) -> dict[str, int]:
+    """The numbers :func:`check_counts` compares, counted from the files a builder wrote."""
+    test = category_dir / layout.TEST
+    anomalous = [d for d in test.iterdir() if d.is_dir() and d.name != layout.GOOD] if test.is_dir() else []
+    truth = category_dir / layout.GROUND_TRUTH
+    counts = {
+        "train_good": len(_image_files(category_dir / layout.TRAIN / layout.GOOD)),
+        "test_good": len(_image_files(test / layout.GOOD)),
+        "test_anomalous": sum(len(_image_files(d)) for d in anomalous),
+        "masks": sum(len(_image_files(d)) for d in truth.iterdir() if d.is_dir()) if truth.is_dir() else 0,
+    }
+    counts["images"] = counts["train_good"] + counts["test_good"] + counts["test_anomalous"]
+    return counts
+
+
+def check_counts(spec: DatasetSpec, out_dir: Path) -> None:
+    """Compare what was built with the option ``counts`` (the numbers of the spec).
+
+    ``counts: {<category> | all: {train_good, test_good, test_anomalous, masks, images}}``,
+    any subset of the keys; ``all`` sums over the categories and is checked only
+    when every category was built (no ``categories`` option). Without the option
+    nothing is checked (the fixtures of the tests are small).
+    """
+    expected = spec.options.get("counts")
+    if expected is None:
+        return
+    if not isinstance(expected, dict):
+        raise NaglError(f"{_where(spec)}: option 'counts' must map a category (or 'all') to its counts")
+    out_dir = Path(out_dir)
+    built = {category: category_counts(out_dir / category) for category in layout.categories(out_dir)}
+    for category, numbers in sorted(expected.items()):
+        if category == ALL_CATEGORIES:
+            if spec.options.get("categories") is not None:
+                continue
+            actual = {key: sum(c[key] for c in built.values()) for key in COUNT_KEYS}
+            folder = out_dir
+        elif category in built:
+            actual, folder = built[category], out_dir / category
+        elif spec.options.get("categories") is not None:
+            continue  # not selected
+        else:
+            raise NaglError(f"{_where(spec)}: the build has no category {category!r} (option 'counts'); "
+                            f"built: {sorted(built)}")
+        unknown = sorted(set(numbers) - set(COUNT_KEYS))
+        if unknown:
+            raise NaglError(f"{_where(spec)}: option 'counts' of {category!r} has unknown keys {unknown}; "
+                            f"known: {list(COUNT_KEYS)}")
+        wrong = [f"{key}: built {actual[key]}, expected {numbers[key]}" for key in COUNT_KEYS
+                 if key in numbers and actual[key] != numbers[key]]
+        if wrong:
+            raise NaglError(f"{_where(spec)}: {folder} does not have the counts of the release "
+                            f"({'; '.join(wrong)}); the archive is probably another version or "
+                            f"incomplete: check it, or fix the option 'counts' if the release changed")
 
 
 def _convert_normal_abnormal(spec: DatasetSpec, src: Path, dst: Path) -> None:
