@@ -51,7 +51,10 @@ def build_headct(spec: DatasetSpec, out_dir: Path) -> None:
             raise NaglError(f"{_where(spec)}: expected one {HEADCT_LABELS} in {spec.options['filename']}, "
                             f"found {len(tables)}; is it the HeadCT release?")
         table = tables[0] / HEADCT_LABELS
-        images = {p.name: p for p in root.rglob("*.png") if p.is_file()}
+        # By name; should a name occur twice, the copy nearest the archive root is used.
+        images = {}
+        for path in sorted(root.rglob("*.png"), key=lambda p: (len(p.parts), str(p))):
+            images.setdefault(path.name, path)
         for line, image_id, hemorrhage in _read_headct_labels(table):
             name = f"{image_id:03d}.png"
             if name not in images:
