@@ -231,8 +231,7 @@ def elpv_archive(directory: Path) -> Release:
         members[f"{base}/images/cell{i:04d}.png"] = png(grey(1100 + i, 10, 10))
         lines.append(f"images/cell{i:04d}.png  {probability!r:<19} {cell_type}")
     members[f"{base}/labels.csv"] = ("\n".join(lines) + "\n").encode()
-    release = single(write_zip(directory / "elpv-dataset-master.zip", members), sha256=None)
-    release.options["sha256"] = None
+    release = single(write_zip(directory / "elpv-dataset-master.zip", members), sha256=None)  # none published
     release.expected = {"elpv": counts(4, 2, 3)}
     return release
 
@@ -251,8 +250,8 @@ def brainmri_archive(directory: Path) -> Release:
             members[f"{folder}/{name}"] = data
             members[f"brain_tumor_dataset/{folder}/{name}"] = data
     members["brain_tumor_dataset/yes/Y99.jpg"] = image_bytes(1299, fmt="JPEG")
-    release = single(write_zip(directory / "brain-mri-images-for-brain-tumor-detection.zip", members), sha256=None)
-    release.options.update(sha256=None, download="manual")
+    release = single(write_zip(directory / "brain-mri-images-for-brain-tumor-detection.zip", members), sha256=None,
+                     download="manual")
     release.expected = {"brainmri": counts(3, 1, 3)}
     return release
 
@@ -267,8 +266,7 @@ def headct_archive(directory: Path) -> Release:
         mode = modes[i % 4]
         pixels = np.random.default_rng(1300 + i).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
         members[f"head_ct/head_ct/{i:03d}.png"] = png(pixels[..., 0] if mode == "L" else pixels)
-    release = single(write_zip(directory / "head-ct-hemorrhage.zip", members), sha256=None)
-    release.options.update(sha256=None, download="manual")
+    release = single(write_zip(directory / "head-ct-hemorrhage.zip", members), sha256=None, download="manual")
     release.expected = {"headct": counts(3, 1, 4)}
     return release
 
