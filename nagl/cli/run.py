@@ -99,7 +99,7 @@ def step_ingest(
 ) -> None:
     """Load the cells listed by JOBS into a new database, atomically replacing OUT."""
     from nagl.config import read_effective_config
-    from nagl.ingest import ingest_run
+    from nagl.results.ingest import ingest_run
 
     summary = ingest_run(read_effective_config(config), jobs, out)
     console.print(summary)
