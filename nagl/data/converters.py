@@ -53,7 +53,7 @@ def _fetch(spec: DatasetSpec) -> Path:
 def _extracted(spec: DatasetSpec, out_dir: Path) -> Iterator[Path]:
     """The archive extracted into a scratch folder beside ``out_dir`` (same file system)."""
     archive = _fetch(spec)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-extract-", dir=out_dir.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-extract.", suffix=".staging", dir=out_dir.parent))
     try:
         yield safe_extract(archive, scratch / "archive")
     finally:

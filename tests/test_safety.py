@@ -1,0 +1,213 @@
+"""Safety and durability (issue 14): archives that cannot escape, limits on extraction, confined
+queries, ordinary permissions. docs/security.md names each test."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from dataset_fixtures import write_tar, write_zip
+from report_fixtures import build_results_db
+
+from nagl.data.archives import ExtractionLimits, safe_extract
+from nagl.errors import NaglError
+from nagl.io import atomic_directory, atomic_path, atomic_write_text
+from nagl.results.query import READ_PRAGMAS, query
+
+# ----------------------------------------------------------- zip extraction --
+
+
+def crafted_zip(path: Path, members: list[tuple[str, bytes, bool]]) -> Path:
+    """A zip with members in the given order: (name, data, is_symlink)."""
+    with zipfile.ZipFile(path, "w") as zipped:
+        for name, data, is_link in members:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = ((stat.S_IFLNK | 0o777) if is_link else (stat.S_IFREG | 0o644)) << 16
+            zipped.writestr(info, data)
+    return path
+
+
+# Each link is harmless by its own name (it stays inside when read lexically), but the second
+# one resolves through the first: a/b is the extraction folder, so a/b/c is its parent.
+CHAINED_LINKS = [("a/b", b"..", True), ("a/b/c", b"..", True), ("a/b/c/escaped.txt", b"owned", False)]
+
+
+@pytest.mark.parametrize("order", ["links first", "file first"])
+def test_zip_links_cannot_carry_members_outside(tmp_path, order):
+    members = CHAINED_LINKS if order == "links first" else CHAINED_LINKS[2:] + CHAINED_LINKS[:2]
+    archive = crafted_zip(tmp_path / "crafted.zip", members)
+    dest = tmp_path / "box" / "out"
+    with pytest.raises(NaglError, match="refusing to extract this archive"):
+        safe_extract(archive, dest)
+    assert not (tmp_path / "box" / "escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
+    assert not dest.exists()
+
+
+def test_zip_link_to_a_regular_file_inside_is_kept(tmp_path):
+    archive = crafted_zip(tmp_path / "ok.zip", [("d/link.txt", b"real.txt", True), ("d/real.txt", b"data", False)])
+    dest = safe_extract(archive, tmp_path / "out")
+    assert (dest / "d/link.txt").is_symlink() and (dest / "d/link.txt").read_bytes() == b"data"
+
+
+def test_a_crafted_zip_placed_for_a_dataset_without_checksum_fails_prepare(project, downloads):
+    from nagl.data.prepare import prepare_dataset
+
+    registry = ("datasets:\n  crafted:\n    kind: mvtec\n    domain: industrial\n"
+                "    filename: crafted.zip\n    url: https://example.org/crafted.zip\n")
+    root = project(registry)
+    crafted_zip(downloads / "crafted.zip", CHAINED_LINKS)
+    with pytest.raises(NaglError, match="refusing to extract this archive"):
+        prepare_dataset("crafted", version=False)
+    written = [p for p in root.parent.rglob("escaped.txt")]
+    assert written == []
+
+
+# ------------------------------------------------------------ extraction limits --
+
+LIMITS = ExtractionLimits(max_bytes=10_000, max_members=5, max_ratio=100.0)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_extraction_limits_refuse_before_writing(tmp_path, kind):
+    write = write_zip if kind == "zip" else write_tar
+    too_big = write(tmp_path / f"big.{kind}", {"a.bin": bytes(6000), "b.bin": bytes(6000)})
+    with pytest.raises(NaglError, match=r"more than 10000 bytes .*NAGL_EXTRACT_MAX_BYTES"):
+        safe_extract(too_big, tmp_path / "out", LIMITS)
+    assert not (tmp_path / "out").exists()
+    too_many = write(tmp_path / f"many.{kind}", {f"{i}.txt": b"x" for i in range(6)})
+    with pytest.raises(NaglError, match="more than 5 members.*NAGL_EXTRACT_MAX_MEMBERS"):
+        safe_extract(too_many, tmp_path / "out", LIMITS)
+    within = write(tmp_path / f"fine.{kind}", {f"{i}.txt": b"x" * 100 for i in range(5)})
+    assert len(list(safe_extract(within, tmp_path / "fine", LIMITS).iterdir())) == 5
+
+
+def test_extraction_ratio_limit_stops_a_bomb(tmp_path, monkeypatch):
+    # 200 KiB of zeros deflate to a few hundred bytes: past a ratio of 100 once over the floor.
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("zeros.bin", bytes(200 * 1024))
+    monkeypatch.setattr("nagl.data.archives.RATIO_FLOOR", 1024)
+    limits = ExtractionLimits(max_bytes=10**12, max_members=10, max_ratio=100.0)
+    with pytest.raises(NaglError, match="more than 100 times its own size.*NAGL_EXTRACT_MAX_RATIO"):
+        safe_extract(tmp_path / "bomb.zip", tmp_path / "out", limits)
+    assert not (tmp_path / "out").exists()
+
+
+def test_extraction_limits_from_the_environment(monkeypatch):
+    assert ExtractionLimits.from_env() == ExtractionLimits()
+    monkeypatch.setenv("NAGL_EXTRACT_MAX_BYTES", "123")
+    monkeypatch.setenv("NAGL_EXTRACT_MAX_RATIO", "2.5")
+    assert ExtractionLimits.from_env() == ExtractionLimits(max_bytes=123, max_ratio=2.5)
+    monkeypatch.setenv("NAGL_EXTRACT_MAX_MEMBERS", "many")
+    with pytest.raises(NaglError, match="NAGL_EXTRACT_MAX_MEMBERS='many' is not a positive number"):
+        ExtractionLimits.from_env()
+
+
+def test_default_limits_hold_the_real_releases():
+    # The largest releases of datasets.md / datasets-wave2.md: tens of GB, tens of thousands of files.
+    limits = ExtractionLimits()
+    assert limits.max_bytes >= 50 * 10**9 and limits.max_members >= 100_000 and limits.max_ratio >= 20
+
+
+def test_tar_is_still_refused_when_a_link_leads_outside(tmp_path):
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        info = tarfile.TarInfo("a/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "../../x"
+        tar.addfile(info)
+    with pytest.raises(NaglError, match="points outside"):
+        safe_extract(tmp_path / "t.tar", tmp_path / "out")
+
+
+# --------------------------------------------------------------------- queries --
+
+
+@pytest.fixture(scope="module")
+def results_db(tmp_path_factory) -> Path:
+    return build_results_db(tmp_path_factory.mktemp("safety-db") / "benchmark.duckdb")
+
+
+SECRET = "secret-line-of-the-machine"
+
+FILE_READERS = [
+    "SELECT * FROM read_csv('{f}')", "SELECT * FROM read_csv_auto('{f}')", "SELECT * FROM read_text('{f}')",
+    "SELECT * FROM read_blob('{f}')", "SELECT * FROM read_json('{f}')", "SELECT * FROM read_json_auto('{f}')",
+    "SELECT * FROM read_ndjson_objects('{f}')", "SELECT * FROM read_parquet('{f}')", "SELECT * FROM glob('{d}/*')",
+    "SELECT * FROM sniff_csv('{f}')", "SELECT * FROM parquet_metadata('{f}')", "SELECT * FROM '{f}'",
+    "SELECT content FROM read_text('{d}/*.txt')",
+]
+
+
+@pytest.mark.parametrize("sql", FILE_READERS)
+def test_query_cannot_read_other_files(results_db, tmp_path, sql):
+    secret = tmp_path / "secret.txt"
+    secret.write_text(f"{SECRET}\n")
+    with pytest.raises(NaglError) as error:
+        frame = query(results_db, sql.format(f=secret, d=tmp_path))
+        assert SECRET not in frame.to_string()  # pragma: no cover - reached only if the read succeeded
+    assert SECRET not in str(error.value)
+
+
+WRITING_PRAGMAS = [
+    "PRAGMA import_database('{d}')", "PRAGMA enable_profiling", "PRAGMA profiling_output = '{d}/p.json'",
+    "PRAGMA threads = 4", "PRAGMA enable_external_access", "PRAGMA memory_limit = '1GB'",
+    "PRAGMA enable_checkpoint_on_shutdown",
+]
+
+
+@pytest.mark.parametrize("sql", WRITING_PRAGMAS)
+def test_query_refuses_pragmas_outside_the_allow_list(results_db, tmp_path, sql):
+    (tmp_path / "schema.sql").write_text("CREATE TABLE owned (a INTEGER);\n")
+    (tmp_path / "load.sql").write_text("COPY (SELECT 1) TO 'owned.csv';\n")
+    with pytest.raises(NaglError, match="nagl query is read-only"):
+        query(results_db, sql.format(d=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["load.sql", "schema.sql"]
+
+
+@pytest.mark.parametrize("sql", ["SET enable_external_access = true", "RESET enable_external_access",
+                                 "SELECT * FROM duckdb_settings() WHERE name = 'lock_configuration'"])
+def test_query_settings_are_locked(results_db, sql):
+    if sql.startswith("SELECT"):
+        assert query(results_db, sql)["value"].tolist() == ["true"]
+    else:
+        with pytest.raises(NaglError):
+            query(results_db, sql)
+
+
+@pytest.mark.parametrize("pragma", sorted(READ_PRAGMAS - {"table_info", "storage_info", "show"}))
+def test_query_allows_the_read_pragmas(results_db, pragma):
+    assert len(query(results_db, f"PRAGMA {pragma}")) >= 1
+
+
+def test_query_allows_read_pragmas_with_arguments(results_db):
+    assert "run_id" in set(query(results_db, "PRAGMA table_info('runs')")["name"])
+    assert len(query(results_db, "PRAGMA storage_info('runs')")) >= 1
+
+
+# ----------------------------------------------------------------- permissions --
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_helpers_give_ordinary_permissions(tmp_path, umask_022):
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_path(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"y")
+    with atomic_directory(tmp_path / "folder") as staging:
+        (staging / "inner.txt").write_text("z")
+    assert [mode(tmp_path / n) for n in ("a.txt", "b.bin", "folder")] == [0o644, 0o644, 0o755]
+    os.umask(0o077)
+    atomic_write_text(tmp_path / "private.txt", "x")
+    assert mode(tmp_path / "private.txt") == 0o600  # the umask is respected, not overridden
