@@ -157,10 +157,6 @@ def stamp_path(product: str | os.PathLike) -> Path:
     return product.with_name(f".{product.name}.built")
 
 
-def write_stamp(product: str | os.PathLike, summary: Any) -> None:
-    atomic_write_json(stamp_path(product), summary)
-
-
 def forget_stamp_without_product(product: str | os.PathLike) -> None:
     """Remove the stamp of a product that was deleted, so the workflow rebuilds it."""
     if not Path(product).exists():

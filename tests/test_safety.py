@@ -18,6 +18,8 @@ from nagl.errors import NaglError
 from nagl.io import atomic_directory, atomic_path, atomic_write_text
 from nagl.results.query import READ_PRAGMAS, query
 
+REPO = Path(__file__).resolve().parents[1]
+
 # ----------------------------------------------------------- zip extraction --
 
 
@@ -211,3 +213,145 @@ def test_atomic_helpers_give_ordinary_permissions(tmp_path, umask_022):
     os.umask(0o077)
     atomic_write_text(tmp_path / "private.txt", "x")
     assert mode(tmp_path / "private.txt") == 0o600  # the umask is respected, not overridden
+
+
+def test_outputs_are_644_under_umask_022(tmp_path, umask_022, monkeypatch):
+    from nagl.config import load_config, write_effective_config
+    from nagl.methods import create_method
+    from nagl.report import build_report
+
+    (tmp_path / "results").mkdir()
+    db = build_results_db(tmp_path / "results" / "benchmark.duckdb")
+    report = build_report(db, tmp_path / "reports" / "leaderboard.html")
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "config" / "config.yaml")
+    config["results"] = str(tmp_path / "results")
+    run_config = Path(write_effective_config(config))
+    checkpoint = create_method("nagl", 8, seed=0).save(tmp_path / "results" / "models" / "nagl")
+    ingested = tmp_path / "ingested.duckdb"
+    from nagl.results.ingest import ingest
+
+    ingest(tmp_path / "empty-results", ingested, [], {"git_commit": "x"})
+    outputs = [report, db, ingested, run_config, checkpoint / "weights.safetensors", checkpoint / "model.json"]
+    assert run_config.parent == tmp_path / "results"
+    assert {path.name: oct(mode(path)) for path in outputs} == {path.name: "0o644" for path in outputs}
+
+
+# -------------------------------------------------------------------- datasets --
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` (8-bit grey) with no pixel data: opening it is enough."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    return path
+
+
+def folder_registry(path: Path, **options: str) -> str:
+    extra = "".join(f"    {key}: {value}\n" for key, value in options.items())
+    return f"datasets:\n  mine:\n    kind: folder\n    domain: industrial\n    path: {path}\n    layout: mvtec\n{extra}"
+
+
+@pytest.fixture
+def user_data(tmp_path):
+    from dataset_fixtures import canonical_dataset
+
+    return canonical_dataset(tmp_path / "mydata")
+
+
+def test_an_image_over_the_bomb_limit_is_a_problem_not_a_crash(user_data):
+    from nagl.data.validate import validate_dataset
+
+    png_header_only(user_data / "a/test/good/000.png", 14000, 14000)
+    problems = validate_dataset(user_data)
+    assert [(p.path, "too large" in p.message) for p in problems] == [("a/test/good/000.png", True)]
+
+
+def test_prepare_names_the_users_file_of_a_bomb_image(project, user_data):
+    from nagl.data.prepare import prepare_dataset
+
+    (user_data / "a/test/good/000.png").unlink()
+    png_header_only(user_data / "a/test/good/000.jpg", 14000, 14000)
+    project(folder_registry(user_data))
+    with pytest.raises(NaglError) as error:
+        prepare_dataset("mine", version=False)
+    text = str(error.value)
+    assert str(user_data / "a/test/good/000.jpg") in text and "too large" in text
+    assert "re-extract" not in text
+
+
+def test_prepare_names_the_users_file_and_the_archive_member(project, user_data, downloads):
+    from nagl.data.prepare import prepare_dataset
+
+    (user_data / "b/train/good/001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    project(folder_registry(user_data))
+    with pytest.raises(NaglError) as error:
+        prepare_dataset("mine", version=False)
+    assert f"b/train/good/001.png (from {user_data / 'b/train/good/001.png'})" in str(error.value)
+    assert "re-extract" not in str(error.value)
+
+    members = {p.relative_to(user_data).as_posix(): p.read_bytes() for p in user_data.rglob("*") if p.is_file()}
+    write_zip(downloads / "mine.zip", {f"release/{name}": data for name, data in members.items()})
+    registry = "datasets:\n  zipped:\n    kind: mvtec\n    domain: industrial\n    filename: mine.zip\n"
+    (Path.cwd() / "config" / "datasets.yaml").write_text(registry)
+    with pytest.raises(NaglError) as error:
+        prepare_dataset("zipped", version=False)
+    assert f"(from release/b/train/good/001.png in {downloads / 'mine.zip'})" in str(error.value)
+
+
+@pytest.mark.parametrize("empty", ["no files at all", "empty train/good"])
+def test_prepare_refuses_an_empty_category(project, user_data, empty):
+    from nagl.data.prepare import is_prepared, prepare_dataset
+    from nagl.data.validate import validate_dataset
+
+    (user_data / "c").mkdir()
+    if empty == "empty train/good":
+        (user_data / "c/train/good").mkdir(parents=True)
+    assert any(p.path == "c" for p in validate_dataset(user_data))  # what `datasets validate` says
+    project(folder_registry(user_data))
+    with pytest.raises(NaglError, match=r"(holds no images|has no train/good/ folder).*not left out silently"):
+        prepare_dataset("mine", version=False)
+    assert not is_prepared("mine")
+
+
+def test_prepare_can_leave_out_an_empty_category_on_purpose(project, user_data):
+    from nagl.data.prepare import prepare_dataset
+
+    (user_data / "c").mkdir()
+    project(folder_registry(user_data, categories="[a, b]"))
+    assert sorted(p.name for p in prepare_dataset("mine", version=False).path.iterdir() if p.is_dir()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("leak", ["train image as an anomaly", "train image as a test normal",
+                                  "normal test image as an anomaly"])
+def test_validator_refuses_the_same_image_in_two_roles(user_data, leak):
+    import shutil
+
+    from nagl.data.validate import validate_dataset
+
+    source, copy = {
+        "train image as an anomaly": ("a/train/good/000.png", "a/test/scratch/001.png"),
+        "train image as a test normal": ("b/train/good/001.png", "b/test/good/000.png"),
+        "normal test image as an anomaly": ("a/test/good/000.png", "a/test/scratch/000.png"),
+    }[leak]
+    shutil.copy(user_data / source, user_data / copy)
+    problems = validate_dataset(user_data)
+    assert len(problems) == 1 and "the same image bytes appear" in problems[0].message
+    assert {problems[0].path, problems[0].message.split("(also ")[1].rstrip(")")} == {source, copy}
+
+
+def test_validator_refuses_an_all_zero_mask(user_data):
+    import numpy as np
+    from PIL import Image
+
+    from nagl.data.validate import validate_dataset
+
+    Image.fromarray(np.zeros((6, 8), np.uint8), "L").save(user_data / "b/ground_truth/scratch/001_mask.png")
+    problems = validate_dataset(user_data)
+    assert [(p.path, "all zero" in p.message) for p in problems] == [("b/ground_truth/scratch/001_mask.png", True)]
