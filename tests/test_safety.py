@@ -355,3 +355,182 @@ def test_validator_refuses_an_all_zero_mask(user_data):
     Image.fromarray(np.zeros((6, 8), np.uint8), "L").save(user_data / "b/ground_truth/scratch/001_mask.png")
     problems = validate_dataset(user_data)
     assert [(p.path, "all zero" in p.message) for p in problems] == [("b/ground_truth/scratch/001_mask.png", True)]
+
+
+# ------------------------------------------------------- durability (kill -9) --
+
+INTERRUPTED_INGEST = """
+import json, sys, time
+from pathlib import Path
+import nagl.results.ingest as ingest
+
+results, db, marker, datasets = sys.argv[1:5]
+write_table = ingest._insert
+
+def insert_then_hang(con, table, data):
+    write_table(con, table, data)
+    if table == "scores":  # half the tables are in the new file: the moment to be killed
+        Path(marker).write_text("writing")
+        time.sleep(600)
+
+ingest._insert = insert_then_hang
+ingest.ingest(results, db, json.loads(datasets), {"git_commit": "next"})
+"""
+
+INTERRUPTED_REPORT = """
+import sys, time
+from pathlib import Path
+import nagl.report.build as build
+from nagl.io import atomic_path
+
+db, out, marker = sys.argv[1:4]
+
+def write_half_then_hang(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text[: len(text) // 2])
+        Path(marker).write_text("writing")
+        time.sleep(600)
+
+build.atomic_write_text = write_half_then_hang
+build.build_report(db, out)
+"""
+
+
+class Reader:
+    """Reads a file over and over in a thread until stopped; keeps every failure."""
+
+    def __init__(self, read):
+        import threading
+
+        self.read, self.values, self.failures = read, [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            try:
+                self.values.append(self.read())
+            except Exception as error:  # noqa: BLE001 - every failure of a reader is the finding
+                self.failures.append(repr(error))
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+        return self
+
+
+def kill_when_marked(script: str, args: list[str], marker: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", script, *args, ], env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        while not marker.exists():  # the script marks the moment; no timing is asserted
+            assert process.poll() is None, "the step ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_kill_9_during_ingest_keeps_the_old_database_readable(tmp_path):
+    import json
+
+    from test_db import DATASETS, PROVENANCE, build_results
+
+    from nagl.cleanup import stale_temporaries
+    from nagl.results.ingest import ingest
+
+    results = tmp_path / "results"
+    n_cells = build_results(results)
+    db = results / "benchmark.duckdb"
+    ingest(results, db, DATASETS, PROVENANCE)
+    reader = Reader(lambda: int(query(db, "SELECT count(*) AS n FROM runs")["n"][0]))
+    kill_when_marked(INTERRUPTED_INGEST, [str(results), str(db), str(tmp_path / "marker"), json.dumps(DATASETS)],
+                     tmp_path / "marker")
+    reader.finish()
+    assert reader.failures == [] and reader.values and set(reader.values) == {n_cells}
+    assert query(db, "SELECT value FROM provenance WHERE key = 'git_commit'")["value"].tolist() == ["abc123"]
+    left = stale_temporaries([results])  # the half-built file (and its write-ahead log): for the cleanup
+    assert left and {p.name.startswith(".benchmark.duckdb.") for p in left} == {True}
+
+
+def test_kill_9_during_the_report_keeps_the_old_report(tmp_path):
+    from nagl.report import build_report
+
+    db = build_results_db(tmp_path / "benchmark.duckdb")
+    out = build_report(db, tmp_path / "reports" / "leaderboard.html")
+    before = out.read_bytes()
+    reader = Reader(out.read_bytes)
+    kill_when_marked(INTERRUPTED_REPORT, [str(db), str(out), str(tmp_path / "marker")], tmp_path / "marker")
+    reader.finish()
+    assert reader.failures == [] and reader.values and set(reader.values) == {before}
+    assert out.read_bytes() == before
+
+
+def test_workflow_outputs_are_stamps_not_the_database_or_report():
+    """Snakemake deletes a rule's outputs before the job runs: the database and the report must not be outputs."""
+    import re
+
+    rules = (REPO / "workflow" / "rules" / "results.smk").read_text() + (REPO / "Snakefile").read_text()
+    outputs = re.findall(r"output:\s*\n\s*([^\n]+)", rules)
+    assert outputs == ["DB_STAMP,", "REPORT_STAMP,"]
+
+
+# ------------------------------------------------------- stale temporaries --
+
+
+def test_cleanup_removes_only_the_platforms_temporaries(project, monkeypatch, tmp_path):
+    from nagl.cleanup import clean_before_run
+
+    root = project()
+    monkeypatch.setenv("NAGL_CACHE", str(root / ".cache" / "nagl"))
+    shared = tmp_path / "shared-weights" / ".vit.safetensors.a1b2c3d4.tmp"  # another project's, maybe running
+    shared.parent.mkdir()
+    shared.write_bytes(b"x")
+    monkeypatch.setenv("NAGL_WEIGHTS", str(shared.parent))
+    stale = [
+        "datasets/.mine.k2j4h5g6.staging/cat/train/good/000.png",
+        "datasets/.mine-extract.ab12cd34.staging/archive/x.png",
+        "datasets/.mine.old-4242/cat/x.png",
+        "results/.benchmark.duckdb.q1w2e3r4.tmp",
+        "results/.benchmark.duckdb.q1w2e3r4.tmp.wal",
+        "results/cells/nagl/bb/a/b/c/n1a0s0/.run.json.zx9_8y7w.tmp",
+        ".cache/nagl/features/.ab.12345678.tmp",
+        "reports/.leaderboard.html.abcdefgh.tmp",
+    ]
+    kept = [
+        "datasets/mine/cat/train/good/000.png", "datasets/notes.tmp", "datasets/.mine.staging",
+        "results/my.tmp", "results/.hidden", "results/.benchmark.duckdb.built", "reports/leaderboard.html",
+        "results/.benchmark.duckdb.tmp", "results/.x.TOOLONGNAME.tmp",
+    ]
+    for name in stale + kept:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    removed = clean_before_run({"results": "results", "report": "reports/leaderboard.html"}, root)
+    assert not [name for name in stale if (root / name).exists()]
+    assert [name for name in kept if (root / name).exists()] == kept
+    assert len(removed) == len(stale) and shared.exists()
+
+
+def test_prepare_cleans_stale_staging_only_when_no_run_holds_the_lock(project, user_data):
+    from typer.testing import CliRunner
+
+    from nagl.cleanup import try_run_lock
+    from nagl.cli.main import _app
+
+    root = project(folder_registry(user_data))
+    stale = root / "datasets" / ".mine.k2j4h5g6.staging"
+    (stale / "cat").mkdir(parents=True)
+    with try_run_lock(root) as held:  # a run is going: its staging must survive
+        assert held
+        result = CliRunner().invoke(_app, ["datasets", "prepare", "mine", "--no-version"])
+        assert result.exit_code == 0, result.output
+        assert stale.is_dir()
+    (root / "datasets" / "mine").rename(root / "datasets" / ".keep")
+    result = CliRunner().invoke(_app, ["datasets", "prepare", "mine", "--no-version"])
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
