@@ -534,3 +534,28 @@ def test_prepare_cleans_stale_staging_only_when_no_run_holds_the_lock(project, u
     result = CliRunner().invoke(_app, ["datasets", "prepare", "mine", "--no-version"])
     assert result.exit_code == 0, result.output
     assert not stale.exists()
+
+
+# --------------------------------------------------------------------- weights --
+
+
+class _Planted:
+    """Unpickling this object would run code: it creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_weights_are_loaded_without_running_pickled_code(tmp_path):
+    import torch
+
+    from nagl.models.weights import read_state_dict
+
+    checkpoint = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _Planted(tmp_path / "ran")}, checkpoint)
+    with pytest.raises(NaglError, match="cannot read weights file"):
+        read_state_dict(checkpoint)
+    assert not (tmp_path / "ran").exists()

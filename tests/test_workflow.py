@@ -99,6 +99,7 @@ def umask_022():
     os.umask(old)
 
 
+@pytest.mark.timeout(1800)  # six runs of the workflow; the shared CI machines can be slow
 def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     root = project(MINI_REGISTRY)
     config = _write_config(root)
@@ -214,7 +215,7 @@ class _Reader:
                 self.values.append(self.read())
             except Exception as error:  # noqa: BLE001 - any failure of a reader is the finding
                 self.failures.append(repr(error))
-            time.sleep(0.01)
+            time.sleep(0.05)
 
     def finish(self):
         self.stop.set()
