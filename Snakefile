@@ -16,6 +16,6 @@ include: "workflow/rules/results.smk"
 
 rule all:
     input:
-        DB,
-        REPORT,
+        DB_STAMP,  # the database and the report (see workflow/rules/results.smk)
+        REPORT_STAMP,
     default_target: True

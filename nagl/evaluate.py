@@ -32,7 +32,7 @@ from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.protocol import ReferenceSplit, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
-from nagl.results.db import write_cell
+from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
 QUERY_BATCH = 8

@@ -2,7 +2,12 @@
 
 Every file the platform produces is written under a temporary name in the same
 directory and then renamed, so a reader never sees half a file and an interrupted
-run leaves either the old file or nothing.
+run leaves either the old file or nothing. Outputs get ordinary permissions
+(0666 for files and 0777 for folders, less the umask), the same as a file the
+user creates: ``tempfile`` would leave them private (0600/0700).
+
+The temporary names follow :data:`TEMP_PATTERNS`; :mod:`nagl.cleanup` removes
+the ones an interrupted run left behind.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +24,40 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+
+# Names of the temporaries made here (tempfile adds 8 characters of [a-z0-9_]):
+# ``.<name>.XXXXXXXX.tmp`` (plus DuckDB's ``.wal`` beside it), ``.<name>.XXXXXXXX.staging``
+# and ``.<name>.old-<pid>``.
+TEMP_PATTERNS = (
+    re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.wal)?$"),
+    re.compile(r"^\..+\.[a-z0-9_]{8}\.staging$"),
+    re.compile(r"^\..+\.old-[0-9]+$"),
+)
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for a name that only the atomic-write helpers of this module create."""
+    return any(pattern.match(name) for pattern in TEMP_PATTERNS)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(path: str | os.PathLike) -> None:
+    """Give a file 0666 and a folder 0777, less the umask: what open() and mkdir() would give."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -53,6 +93,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    ordinary_permissions(tmp)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -90,6 +131,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".staging", dir=target.parent))
+    ordinary_permissions(staging)
     try:
         yield staging
         old = None
@@ -102,3 +144,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def stamp_path(product: str | os.PathLike) -> Path:
+    """The workflow's record that ``product`` (the database, the report) was rebuilt.
+
+    The stamp, not the product, is the Snakemake rule's output: Snakemake deletes
+    a job's outputs before running it, so the product itself must not be one.
+    The step replaces the product by a rename and then writes the stamp.
+    """
+    product = Path(product)
+    return product.with_name(f".{product.name}.built")
+
+
+def forget_stamp_without_product(product: str | os.PathLike) -> None:
+    """Remove the stamp of a product that was deleted, so the workflow rebuilds it."""
+    if not Path(product).exists():
+        stamp_path(product).unlink(missing_ok=True)

@@ -20,7 +20,10 @@ from typer.testing import CliRunner
 from nagl.errors import NaglError
 from nagl.io import atomic_write_json, read_json
 from nagl.protocol import MANIFEST_COLUMNS, draw_reference_split
-from nagl.results.db import cell_dir, ingest, query, write_cell
+from nagl.results.cell import write_cell
+from nagl.results.ingest import ingest
+from nagl.results.query import query
+from nagl.results.schema import cell_dir
 
 # Targets and their categories; target C has no masks (its pixel metrics are NULL).
 TARGETS = {"A": ["x", "y"], "B": ["x"], "C": ["z"]}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import yaml
 
 from nagl.config import load_config
 from nagl.errors import NaglError
+from nagl.results.query import query
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +92,15 @@ def test_bad_configs_are_rejected_with_the_setting_named(project):
     assert done.returncode == 2 and "seeds" in done.stderr
 
 
-def test_miniature_matrix_end_to_end_and_resume(project):
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.timeout(1800)  # six runs of the workflow; the shared CI machines can be slow
+def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     root = project(MINI_REGISTRY)
     config = _write_config(root)
 
@@ -112,10 +123,19 @@ def test_miniature_matrix_end_to_end_and_resume(project):
     finished = {p: p.read_text() for p in cells_root.glob("**/run.json")}
     assert finished, "the run was killed before any cell finished; nothing to resume"
 
+    # Temporaries an interrupted run may leave: the next run removes them (and only them).
+    planted = [root / "datasets" / ".mini-texture.k2j4h5g6.staging" / "brick" / "x.png",
+               next(iter(finished)).parent / ".metrics.json.q1w2e3r4.tmp"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
     resumed = _nagl(root, "run", "--config", str(config), "--cores", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for path, text in finished.items():
         assert path.read_text() == text, f"{path} was recomputed after the resume"
+    assert not [path for path in planted if path.exists()]
+    assert not (root / "datasets" / ".mini-texture.k2j4h5g6.staging").exists()
 
     db = root / "results" / "benchmark.duckdb"
     ids = _run_ids(db)
@@ -130,6 +150,12 @@ def test_miniature_matrix_end_to_end_and_resume(project):
                             "WHERE level = 'image' AND metric = 'auroc' ORDER BY ALL").fetchall()
         assert len(board) == 2 * 4 and all(row[4] == 2 for row in board)
     assert (root / "reports" / "leaderboard.html").stat().st_size > 100_000
+    # Ordinary permissions under umask 022, like any file the user makes.
+    outputs = [root / "reports" / "leaderboard.html", db, root / "results" / "run-config.json",
+               *sorted((root / "results" / "models").glob("**/*.safetensors")),
+               *sorted((root / "results" / "models").glob("**/model.json"))]
+    assert len(outputs) > 4
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in outputs} == {str(p): "0o644" for p in outputs}
 
     # Nothing changed: nothing runs, the database is untouched.
     mtime = db.stat().st_mtime_ns
@@ -138,9 +164,59 @@ def test_miniature_matrix_end_to_end_and_resume(project):
     assert db.stat().st_mtime_ns == mtime
     assert "Nothing to be done" in again.stdout + again.stderr
 
-    # One more seed: only the new cells are computed, the old ones are kept.
+    # One more seed: only the new cells are computed, the old ones are kept. A reader of the
+    # database and the report during the run (which re-ingests) always finds a valid file.
+    report = root / "reports" / "leaderboard.html"
+    reader = _Reader(lambda: (query(db, "SELECT count(*) AS n FROM runs")["n"][0], report.stat().st_size))
     grown = _nagl(root, "run", "--config", str(_write_config(root, seeds=[0, 1, 2])), "--cores", "2")
+    reader.finish()
     assert grown.returncode == 0, grown.stderr[-3000:]
+    assert reader.failures == [] and {n for n, _ in reader.values} <= {EXPECTED_CELLS, EXPECTED_CELLS * 3 // 2}
     new_ids = _run_ids(db)
     assert len(new_ids) == EXPECTED_CELLS * 3 // 2
     assert all(new_ids[run_id] == created for run_id, created in ids.items())
+
+    # kill -9 while the ingest job runs: the database is the previous one, readable, and the
+    # next run finishes the job.
+    job = next((root / "results" / "jobs").glob("**/*.json"))
+    os.utime(job)  # newer than the database's stamp: ingest and report run again
+    ingest_log = root / "results" / "logs" / "ingest.log"
+    logged = ingest_log.stat().st_mtime_ns
+    process = subprocess.Popen([sys.executable, "-m", "nagl", "run", "--config", str(_write_config(root, seeds=[0, 1, 2])),
+                                "--cores", "2"], cwd=root, env={**os.environ, "NAGL_HOME": str(root)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    reader = _Reader(lambda: query(db, "SELECT count(*) AS n FROM runs")["n"][0])
+    while process.poll() is None and (not ingest_log.exists() or ingest_log.stat().st_mtime_ns == logged):
+        time.sleep(0.05)  # the ingest job has started once its log is rewritten
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    reader.finish()
+    assert reader.failures == [] and set(reader.values) == {EXPECTED_CELLS * 3 // 2}
+    assert report.is_file()
+    finished_run = _nagl(root, "run", "--config", str(_write_config(root, seeds=[0, 1, 2])), "--cores", "2")
+    assert finished_run.returncode == 0, finished_run.stderr[-3000:]
+    assert len(_run_ids(db)) == EXPECTED_CELLS * 3 // 2
+    assert not list((root / "results").glob(".benchmark.duckdb.*.tmp*"))
+
+
+class _Reader:
+    """Calls ``read`` over and over in a thread until finished; keeps every failure."""
+
+    def __init__(self, read):
+        self.read, self.values, self.failures = read, [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            try:
+                self.values.append(self.read())
+            except Exception as error:  # noqa: BLE001 - any failure of a reader is the finding
+                self.failures.append(repr(error))
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()

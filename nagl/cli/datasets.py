@@ -82,13 +82,19 @@ def prepare(
                                  help="record the dataset with DVC (dvc.lock)"),
 ) -> None:
     """Build (or restore from DVC), validate and version datasets."""
+    from nagl.cleanup import clean_before_prepare, try_run_lock
     from nagl.data.prepare import prepare_dataset
+    from nagl.settings import project_dir
 
-    for name in names:
-        with console.status(f"preparing {name} ..."):
-            result = prepare_dataset(name, force=force, version=version)
-        console.print(f"{name}: {result.action} in {result.seconds:.1f} s, content hash {result.content_hash}",
-                      soft_wrap=True)
+    # Free lock: no run is going, so stale staging of these datasets is an interrupted prepare's.
+    with try_run_lock(project_dir()) as alone:
+        if alone:
+            clean_before_prepare(names)
+        for name in names:
+            with console.status(f"preparing {name} ..."):
+                result = prepare_dataset(name, force=force, version=version)
+            console.print(f"{name}: {result.action} in {result.seconds:.1f} s, content hash {result.content_hash}",
+                          soft_wrap=True)
 
 
 @datasets_app.command("validate")

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json"),
     ) -> None:
         """Run a read-only SQL query on the results database (tables, and views such as leaderboard)."""
-        from nagl.results.db import query
+        from nagl.results.query import query
         from nagl.settings import results_dir
 
         frame = query(db if db is not None else results_dir() / "benchmark.duckdb", sql)

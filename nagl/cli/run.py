@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -96,25 +95,43 @@ def step_ingest(
     jobs: list[Path] = typer.Argument(..., help="job summary JSON files of the evaluate rule"),
     config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
     out: Path = typer.Option(..., help="the DuckDB file to (re)build"),
+    stamp: Path | None = typer.Option(None, help="file to write once OUT is in place (the rule's output)"),
 ) -> None:
     """Load the cells listed by JOBS into a new database, atomically replacing OUT."""
     from nagl.config import read_effective_config
-    from nagl.ingest import ingest_run
+    from nagl.io import atomic_write_json
+    from nagl.results.ingest import ingest_run
 
     summary = ingest_run(read_effective_config(config), jobs, out)
+    if stamp is not None:
+        atomic_write_json(stamp, summary)
     console.print(summary)
+
+
+@step_app.command("report")
+def step_report(
+    db: Path = typer.Option(..., help="the results database"),
+    out: Path = typer.Option(..., help="the HTML file to (re)build"),
+    stamp: Path | None = typer.Option(None, help="file to write once OUT is in place (the rule's output)"),
+) -> None:
+    """Build the report, atomically replacing OUT (the database is only read)."""
+    from nagl.io import atomic_write_json
+    from nagl.report import build_report
+
+    path = build_report(db, out)
+    if stamp is not None:
+        atomic_write_json(stamp, {"report": str(path), "db": str(db)})
 
 
 @contextlib.contextmanager
 def _exclusive_run(workdir: Path) -> Iterator[None]:
     """One `nagl run` per project at a time; lets us clear a stale Snakemake lock safely."""
-    lock_dir = workdir / ".snakemake"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / "nagl-run.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NaglError(f"another `nagl run` is running in {workdir}; wait for it to finish") from None
+    from nagl.cleanup import try_run_lock
+
+    with try_run_lock(workdir) as alone:
+        if not alone:
+            raise NaglError(f"another `nagl run` (or `nagl datasets prepare`) is running in {workdir}; "
+                            f"wait for it to finish")
         yield
 
 
@@ -131,6 +148,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     )
     from snakemake_interface_common.exceptions import WorkflowError
 
+    from nagl.cleanup import clean_before_run
     from nagl.config import load_config
     from nagl.settings import project_dir
 
@@ -141,6 +159,8 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     if not snakefile.is_file():
         raise NaglError(f"{snakefile} not found; run nagl from the project folder or set NAGL_HOME")
     with _exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api:
+        if not dry_run:
+            clean_before_run(config, workdir)  # temporaries of interrupted runs; ours are not made yet
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=cores, resources={"dvc": 1}),
             config_settings=ConfigSettings(configfiles=[config_path], replace_workflow_config=True),

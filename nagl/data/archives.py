@@ -25,6 +25,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import py7zr
@@ -242,40 +243,114 @@ def _check_link(name: str, target: str, archive: Path, *, relative_to_member: bo
                         f"official source)")
 
 
-def _check_member(archive: Path, name: str, size: int | None) -> None:
-    """The check of one member (``size``: its declared uncompressed bytes) before the 7z and gz
-    extractors write anything: its path must stay inside the extraction folder."""
-    _check_name(name, archive)
+@dataclass(frozen=True)
+class ExtractionLimits:
+    """Caps on what one archive may expand to; every extractor checks each member against them.
+
+    The defaults leave room for the largest real releases (MVTec 3D-AD, ISIC 2018,
+    VisA: tens of GB at most, tens of thousands of files) and stop archive bombs.
+    ``max_ratio`` caps the expanded size at that multiple of the archive's size,
+    but never below :data:`RATIO_FLOOR` (small archives may expand freely up to it).
+    Each limit can be raised with an environment variable (:data:`LIMIT_ENV`).
+    """
+
+    max_bytes: int = 64 * 2**30
+    max_members: int = 1_000_000
+    max_ratio: float = 100.0
+
+    @classmethod
+    def from_env(cls) -> ExtractionLimits:
+        """The defaults, each replaced by its environment variable where set."""
+        values = {}
+        for field, variable in LIMIT_ENV.items():
+            text = os.environ.get(variable, "").strip()
+            if not text:
+                continue
+            try:
+                value = float(text) if field == "max_ratio" else int(text)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise NaglError(f"{variable}={text!r} is not a positive number; unset it or give e.g. "
+                                f"{variable}={getattr(cls, field)}")
+            values[field] = value
+        return cls(**values)
+
+    def budget(self, archive: Path) -> ExtractionBudget:
+        """A counter for one extraction of ``archive``."""
+        return ExtractionBudget(self, archive)
 
 
-def _extract_7z(archive: Path, staging: Path) -> None:
+LIMIT_ENV = {"max_bytes": "NAGL_EXTRACT_MAX_BYTES", "max_members": "NAGL_EXTRACT_MAX_MEMBERS",
+             "max_ratio": "NAGL_EXTRACT_MAX_RATIO"}
+RATIO_FLOOR = 64 * 2**20
+
+
+class ExtractionBudget:
+    """What one extraction has used so far; :meth:`member` raises a NaglError past a limit.
+
+    Call ``member(name, size)`` for every member before writing anything (declared
+    sizes), and ``written(name, n)`` where sizes are only known while writing.
+    """
+
+    def __init__(self, limits: ExtractionLimits, archive: Path):
+        self.limits, self.archive = limits, archive
+        self.members = 0
+        self.bytes = 0
+        self.max_bytes = min(limits.max_bytes,
+                             max(RATIO_FLOOR, int(limits.max_ratio * archive.stat().st_size)))
+
+    def member(self, name: str, size: int) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            self._refuse(f"has more than {self.limits.max_members} members", "max_members")
+        self.written(name, size)
+
+    def written(self, name: str, size: int) -> None:
+        self.bytes += max(0, int(size))
+        if self.bytes > self.max_bytes:
+            if self.max_bytes == self.limits.max_bytes:
+                self._refuse(f"expands to more than {self.max_bytes} bytes (at member {name!r})", "max_bytes")
+            self._refuse(f"expands to more than {self.limits.max_ratio:g} times its own size "
+                         f"({self.max_bytes} bytes, at member {name!r})", "max_ratio")
+
+    def _refuse(self, what: str, field: str) -> None:
+        raise NaglError(f"{self.archive} {what}; refusing to extract it (an archive bomb, or not the "
+                        f"expected file). If it is the right file, raise the limit with "
+                        f"{LIMIT_ENV[field]}=<value> and prepare again")
+
+
+def _extract_7z(archive: Path, staging: Path, limits: ExtractionLimits) -> None:
     """Plain files and folders only: 7z links are refused (no release needs them)."""
+    budget = limits.budget(archive)
     with py7zr.SevenZipFile(archive) as seven:
         for info in seven.list():
-            _check_member(archive, info.filename, info.uncompressed)
+            _check_name(info.filename, archive)
             if info.is_symlink or not (info.is_file or info.is_directory):
                 raise NaglError(f"{archive}: member {info.filename!r} is a link or special file; "
                                 f"refusing to extract this archive (delete it and get it from the "
                                 f"official source)")
+            budget.member(info.filename, info.uncompressed or 0)
         seven.extractall(staging)
 
 
-def _extract_gz(archive: Path, staging: Path) -> None:
+def _extract_gz(archive: Path, staging: Path, limits: ExtractionLimits) -> None:
     """A bare gzip file becomes one file named like the archive without ``.gz``.
 
-    The name stored in the gzip header is ignored, so it cannot lead anywhere.
+    The name stored in the gzip header is ignored, so it cannot lead anywhere. The
+    header's size field is only the size modulo 2**32, so bytes are counted as written.
     """
     name = archive.name[:-3] if archive.name.lower().endswith(".gz") else archive.name + ".out"
-    with open(archive, "rb") as handle:
-        handle.seek(-4, os.SEEK_END)
-        declared = int.from_bytes(handle.read(4), "little")  # ISIZE: the size modulo 2**32
-    _check_member(archive, name, declared)
+    budget = limits.budget(archive)
+    budget.member(name, 0)
     with gzip.open(archive, "rb") as source, open(staging / name, "wb") as target:
         for block in iter(lambda: source.read(_CHUNK), b""):
+            budget.written(name, len(block))
             target.write(block)
 
 
-def _extract_tar(archive: Path, staging: Path) -> None:
+def _extract_tar(archive: Path, staging: Path, limits: ExtractionLimits) -> None:
+    budget = limits.budget(archive)
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:
@@ -287,40 +362,89 @@ def _extract_tar(archive: Path, staging: Path) -> None:
             elif not (member.isfile() or member.isdir()):
                 raise NaglError(f"{archive}: member {member.name!r} is a device or special file; "
                                 f"refusing to extract this archive")
+            budget.member(member.name, member.size if member.isfile() else 0)
         # The 'data' filter re-checks every path against the real file system.
         tar.extractall(staging, members=members, filter="data")
 
 
-def _extract_zip(archive: Path, staging: Path) -> None:
+def _inside(root: Path, name: str, archive: Path) -> Path:
+    """Where member ``name`` goes: its resolved path, which must lie in ``root`` (itself resolved)."""
+    path = (root / name.replace("\\", "/")).resolve()
+    if path != root and root not in path.parents:
+        raise NaglError(f"{archive}: member {name!r} would be written outside the extraction folder; "
+                        f"refusing to extract this archive (delete it and get it from the official source)")
+    return path
+
+
+_MAX_LINK_TARGET = 4096
+
+
+def _extract_zip(archive: Path, staging: Path, limits: ExtractionLimits) -> None:
+    """Regular files and folders first, each into a resolved path checked against ``staging``;
+    links last, and only those whose target resolves inside it (so nothing is ever written
+    through a link)."""
+    budget = limits.budget(archive)
+    root = staging.resolve()
     with zipfile.ZipFile(archive) as zipped:
-        links = {}
-        for info in zipped.infolist():
+        infos = zipped.infolist()
+        links: list[tuple[str, str]] = []
+        for info in infos:
             _check_name(info.filename, archive)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
-                target = zipped.read(info).decode("utf-8")
+                if info.file_size > _MAX_LINK_TARGET:
+                    raise NaglError(f"{archive}: link {info.filename!r} has a {info.file_size}-byte target; "
+                                    f"refusing to extract this archive")
+                target = zipped.read(info).decode("utf-8", errors="replace")
                 _check_link(info.filename.rstrip("/"), target, archive, relative_to_member=True)
-                links[info.filename] = target
+                links.append((info.filename.rstrip("/"), target))
             elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
                 raise NaglError(f"{archive}: member {info.filename!r} is a device or special file; "
                                 f"refusing to extract this archive")
-        for info in zipped.infolist():
-            if info.filename in links:
-                link = staging / info.filename.rstrip("/")
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(links[info.filename], link)
-            else:
-                zipped.extract(info, staging)
+            budget.member(info.filename, info.file_size)
+        for info in infos:
+            if stat.S_ISLNK(info.external_attr >> 16):
+                continue
+            path = _inside(root, info.filename, archive)
+            if info.is_dir():
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _copy_member(zipped, info, path, archive)
+        for name, target in links:
+            link = _inside(root, posixpath.dirname(name), archive) / posixpath.basename(name)
+            resolved = (link.parent / target).resolve()
+            if resolved != root and root not in resolved.parents:
+                raise NaglError(f"{archive}: link {name!r} -> {target!r} resolves outside the extraction "
+                                f"folder; refusing to extract this archive")
+            if link.exists() or link.is_symlink():
+                raise NaglError(f"{archive}: link {name!r} would replace another member; refusing to "
+                                f"extract this archive")
+            os.symlink(target, link)
 
 
-def safe_extract(archive: str | Path, dest: str | Path) -> Path:
+def _copy_member(zipped: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, archive: Path) -> None:
+    """Copy one member, never more bytes than its header declares (checked against the limits)."""
+    written = 0
+    with zipped.open(info) as source, open(path, "wb") as out:
+        for block in iter(lambda: source.read(_CHUNK), b""):
+            written += len(block)
+            if written > info.file_size:
+                raise NaglError(f"{archive}: member {info.filename!r} holds more than the {info.file_size} "
+                                f"bytes its header declares; refusing to extract this archive")
+            out.write(block)
+
+
+def safe_extract(archive: str | Path, dest: str | Path, limits: ExtractionLimits | None = None) -> Path:
     """Extract a .tar/.tar.gz/.tar.xz/.zip/.7z archive or a bare .gz file into ``dest``, all or nothing.
 
-    Members with absolute paths or '..', links leading outside ``dest`` and
-    device files make it fail with a NaglError naming the member. Extraction
-    happens in a staging folder that is renamed to ``dest`` at the end.
+    Members with absolute paths or '..', links leading outside ``dest``, device
+    files and archives past ``limits`` (default: :meth:`ExtractionLimits.from_env`)
+    make it fail with a NaglError naming the member, before anything is written.
+    Extraction happens in a staging folder that is renamed to ``dest`` at the end.
     """
     archive, dest = Path(archive), Path(dest)
+    limits = limits or ExtractionLimits.from_env()
     kind = archive_format(archive)
     if kind is None:
         raise NaglError(f"{archive} is not a readable tar, zip, 7z or gzip archive; delete it and "
@@ -329,7 +453,8 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
         raise NaglError(f"cannot extract {archive.name} into {dest}: it exists and is not empty")
     try:
         with atomic_directory(dest) as staging:
-            {"zip": _extract_zip, "7z": _extract_7z, "gz": _extract_gz, "tar": _extract_tar}[kind](archive, staging)
+            extractor = {"zip": _extract_zip, "7z": _extract_7z, "gz": _extract_gz, "tar": _extract_tar}[kind]
+            extractor(archive, staging, limits)
     except tarfile.FilterError as error:
         raise NaglError(f"{archive}: {error}; refusing to extract this archive (delete it and get "
                         f"it from the official source)") from error

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nagl.data import layout
+from nagl.data import layout, origins
 from nagl.data.archives import fetch_archive, safe_extract
 from nagl.data.registry import DatasetSpec, register_builder
 from nagl.errors import NaglError
@@ -58,9 +58,11 @@ def _fetch(spec: DatasetSpec) -> Path:
 def _extracted(spec: DatasetSpec, out_dir: Path) -> Iterator[Path]:
     """The archive extracted into a scratch folder beside ``out_dir`` (same file system)."""
     archive = _fetch(spec)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-extract-", dir=out_dir.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-extract.", suffix=".staging", dir=out_dir.parent))
     try:
-        yield safe_extract(archive, scratch / "archive")
+        root = safe_extract(archive, scratch / "archive")
+        origins.extracted_from(root, archive)
+        yield root
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -101,9 +103,10 @@ def _select(spec: DatasetSpec, available: dict[str, Path], source: str) -> dict[
 
 def _transfer(src: Path, dst: Path, move: bool) -> None:
     if dst.exists():
-        raise NaglError(f"{src} and another file both map to {dst.name} in {dst.parent}; "
-                        f"rename one of them")
+        raise NaglError(f"{origins.describe(src)} and another file both become {dst.name} in the "
+                        f"dataset; rename one of them")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    origins.record(dst, src)
     if move:
         shutil.move(src, dst)
     else:
@@ -146,8 +149,12 @@ def _convert_mvtec_category(src: Path, dst: Path, move: bool, rename: dict[str, 
                 stem = mask.stem.removesuffix(layout.MASK_SUFFIX)
                 target = dst / layout.GROUND_TRUTH / defect_type / layout.mask_name(stem)
                 if target.exists():
-                    raise NaglError(f"two masks for {defect_type}/{stem} in {folder}; keep one")
+                    raise NaglError(f"two masks for {defect_type}/{stem} in {origins.describe(folder)}; keep one")
                 layout.convert_mask(mask, target)
+    if not dst.is_dir():
+        raise NaglError(f"category {src.name!r} ({origins.describe(src)}) holds no images; an empty category "
+                        f"is not left out silently: add its images, delete the folder, or leave it out "
+                        f"with the option 'categories' in config/datasets.yaml")
 
 
 def _mvtec_like(spec: DatasetSpec, out_dir: Path) -> None:
@@ -207,7 +214,7 @@ def build_visa(spec: DatasetSpec, out_dir: Path) -> None:
         for line, row in rows:
             if row["object"] not in selected:
                 continue
-            where = f"{split_csv}, line {line}"
+            where = f"{origins.describe(split_csv)}, line {line}"
             defect_type = VISA_LABELS.get(row["label"].strip().lower())
             split = row["split"].strip().lower()
             if defect_type is None or split not in layout.SPLITS:
@@ -347,9 +354,13 @@ def build_folder(spec: DatasetSpec, out_dir: Path) -> None:
     if marker(source):
         found = {str(options.get("category") or source.name): source}
     else:
-        found = {d.name: d for d in sorted(source.iterdir())
-                 if d.is_dir() and not d.name.startswith(".") and marker(d)}
+        found = {d.name: d for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     for category, src in _select(spec, found, str(source)).items():
+        if not marker(src):
+            what = "train/good/" if kind == "mvtec" else "normal/"
+            raise NaglError(f"{_where(spec)}: {src} has no {what} folder, so it is not a category of the "
+                            f"{kind} layout (an empty category is not left out silently): add its images, "
+                            f"delete the folder, or leave it out with the option 'categories'")
         if kind == "mvtec":
             _convert_mvtec_category(src, out_dir / category, move=False)
         else:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nagl.data.layout import UNREADABLE_IMAGE
 from nagl.errors import NaglError
 
 
@@ -19,7 +20,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise NaglError(f"cannot read image {path}: {error}; replace or remove the file") from error
 
 
@@ -37,5 +38,5 @@ def load_mask(path: str | Path | None, size: int | tuple[int, int]) -> np.ndarra
             if mask.size != (width, height):
                 mask = mask.resize((width, height), Image.NEAREST)
             return np.asarray(mask) > 0
-    except (OSError, ValueError) as error:
+    except UNREADABLE_IMAGE as error:
         raise NaglError(f"cannot read mask {path}: {error}; replace or remove the file") from error

@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from nagl.data import origins
 from nagl.errors import NaglError
 from nagl.io import atomic_path, sha256_file
 
@@ -65,6 +66,10 @@ MANIFEST_SCHEMA = pa.schema([
     ("width", pa.int64()),
     ("height", pa.int64()),
 ])
+
+# What reading a bad image file raises: corrupt or unsupported (OSError, ValueError), or over
+# Pillow's decompression-bomb limit (DecompressionBombError, not an OSError).
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_GRAY, _PNG_RGB = 0, 2  # IHDR colour types
@@ -157,9 +162,10 @@ def convert_mask(src: str | Path, dst: str | Path) -> None:
     try:
         with Image.open(src) as mask:
             binary = mask_to_binary(mask)
-    except (OSError, ValueError) as error:
-        raise NaglError(f"cannot read mask {src}: {error}; replace the file or remove it "
+    except UNREADABLE_IMAGE as error:
+        raise NaglError(f"cannot read mask {origins.describe(src)}: {error}; replace the file or remove it "
                         f"and its image") from error
+    origins.record(Path(dst), src)
     _save_png(Image.fromarray(binary, "L"), Path(dst))
 
 
@@ -188,7 +194,7 @@ def _normalise_image(path: Path, root: Path) -> str | None:
             image.load()
             source_format = image.format
             rgb, converted = to_rgb8(image)
-    except (OSError, ValueError):
+    except UNREADABLE_IMAGE:
         return None  # unreadable or unsupported: left for the validator to report
     target = _replace_with_png(path, rgb, root)
     what = f"{converted} " if converted else ""
@@ -202,7 +208,7 @@ def _normalise_mask(path: Path, root: Path) -> str | None:
             mask.load()
             source = f"{mask.mode} {mask.format}"
             binary = mask_to_binary(mask)
-    except (OSError, ValueError):
+    except UNREADABLE_IMAGE:
         return None
     canonical = path.suffix == CANONICAL_SUFFIX and png_header(path) == (8, _PNG_GRAY)
     if canonical and np.array_equal(binary, _raw_values(path)):

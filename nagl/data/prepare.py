@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nagl.data import dvc
+from nagl.data import dvc, origins
 from nagl.data.layout import MANIFEST_NAME, normalise_images, read_manifest, write_manifest
 from nagl.data.registry import DatasetSpec, builder_for, get_spec
 from nagl.data.validate import raise_if_invalid, validate_dataset
@@ -52,11 +52,12 @@ def build_dataset(spec: DatasetSpec, destination: Path) -> list[str]:
     Returns the normalisation notes. Raises NaglError (and leaves ``destination``
     untouched) when the builder or the validator fails.
     """
-    with atomic_directory(destination) as staging:
+    with atomic_directory(destination) as staging, origins.recording(staging) as known:
         builder_for(spec.kind)(spec, staging)
         notes = normalise_images(staging)
         raise_if_invalid(validate_dataset(staging),
-                         f"{spec.name} (kind {spec.kind}; paths are relative to the dataset)")
+                         f"{spec.name} (kind {spec.kind}; paths are those of your files where known, "
+                         f"else relative to the dataset)", source_of=known.of)
         write_manifest(staging, spec.name)
     return notes
 

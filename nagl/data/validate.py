@@ -8,6 +8,7 @@ versioned (``nagl.data.prepare`` stops before DVC).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from nagl.data import layout
 from nagl.errors import NaglError
+from nagl.io import sha256_file
 
 MAX_LISTED = 50
 
@@ -36,6 +38,7 @@ class _Checker:
     def __init__(self, root: Path):
         self.root = root
         self.problems: list[Problem] = []
+        self.readable: list[Path] = []  # every readable image of train/ and test/, for the leak check
 
     def add(self, path: Path, message: str, hint: str) -> None:
         rel = path.relative_to(self.root).as_posix() if path != self.root else "."
@@ -76,6 +79,7 @@ def _image_files(checker: _Checker, folder: Path) -> dict[str, tuple[int, int]]:
         size = _check_image(checker, path)
         if size is not None:
             sizes[path.stem] = size
+            checker.readable.append(path)
     return sizes
 
 
@@ -84,9 +88,13 @@ def _check_image(checker: _Checker, path: Path) -> tuple[int, int] | None:
         with Image.open(path) as image:
             image.load()
             mode, size, image_format = image.mode, image.size, image.format
-    except (OSError, ValueError) as error:
+    except Image.DecompressionBombError as error:
+        checker.add(path, f"image too large to open safely ({error})",
+                    f"downscale it to at most {Image.MAX_IMAGE_PIXELS} pixels or delete it")
+        return None
+    except layout.UNREADABLE_IMAGE as error:
         checker.add(path, f"unreadable or corrupt image ({error})",
-                    "replace the file with a good copy (re-extract the archive) or delete it")
+                    "replace it with a good copy of the original or delete it")
         return None
     if image_format != "PNG":
         checker.add(path, f"{image_format} image not converted to PNG", _RERUN)
@@ -112,7 +120,7 @@ def _check_mask(checker: _Checker, path: Path, image_size: tuple[int, int]) -> N
             mask.load()
             size = mask.size
             values = np.asarray(mask)
-    except (OSError, ValueError) as error:
+    except layout.UNREADABLE_IMAGE as error:
         checker.add(path, f"unreadable or corrupt mask ({error})",
                     "replace the mask with a good copy or delete it together with its image")
         return
@@ -123,6 +131,9 @@ def _check_mask(checker: _Checker, path: Path, image_size: tuple[int, int]) -> N
         checker.add(path, "mask is not an 8-bit single-channel PNG", _RERUN)
     elif not np.isin(values, (0, 255)).all():
         checker.add(path, "mask holds values other than 0 and 255", _RERUN)
+    elif size == image_size and not values.any():
+        checker.add(path, "mask of an anomalous image is all zero (no anomalous pixel)",
+                    "use the image's real mask, or move the image to test/good if it is normal")
 
 
 def _check_category(checker: _Checker, category: Path) -> dict:
@@ -236,16 +247,44 @@ def validate_dataset(dataset_dir: str | Path) -> list[Problem]:
                     checker.add(missing, "anomalous image without a mask (the dataset has masks)",
                                 f"add the mask for {category}/test/{defect_type}/{stem}.png "
                                 f"or remove that image")
+    _check_leaks(checker)
     return checker.problems
 
 
-def raise_if_invalid(problems: list[Problem], dataset_dir: str | Path) -> None:
-    """Raise a NaglError that lists each problem (file and what to do), if there are any."""
+def _check_leaks(checker: _Checker) -> None:
+    """The same image bytes in train and test, or as a normal and an anomalous image, is a leak."""
+    by_content: dict[str, list[Path]] = {}
+    for path in checker.readable:
+        by_content.setdefault(sha256_file(path), []).append(path)
+    for paths in by_content.values():
+        if len(paths) < 2:
+            continue
+        roles = [path.relative_to(checker.root).parts for path in paths]  # category, split, folder, file
+        splits = {parts[1] for parts in roles}
+        labels = {parts[2] == layout.GOOD for parts in roles}
+        if len(splits) < 2 and len(labels) < 2:
+            continue
+        what = "in train and in test" if len(splits) > 1 else "as a normal and as an anomalous image"
+        others = ", ".join(path.relative_to(checker.root).as_posix() for path in paths[1:])
+        checker.add(paths[0], f"the same image bytes appear {what} (also {others})",
+                    "keep each image in one place only: a copy in both leaks the answer into the benchmark")
+
+
+def raise_if_invalid(problems: list[Problem], dataset_dir: str | Path,
+                     source_of: Callable[[str], str | None] | None = None) -> None:
+    """Raise a NaglError that lists each problem (file and what to do), if there are any.
+
+    ``source_of`` maps a problem's path to the file it was made from (see
+    :mod:`nagl.data.origins`), which is what the user can fix.
+    """
     if not problems:
         return
     lines = [f"dataset {dataset_dir} failed validation with {len(problems)} problem(s); "
              f"it was not versioned. Fix these and prepare it again:"]
-    lines += [f"  - {problem}" for problem in problems[:MAX_LISTED]]
+    for problem in problems[:MAX_LISTED]:
+        source = source_of(problem.path) if source_of is not None else None
+        lines.append(f"  - {problem.path} (from {source}): {problem.message} -> {problem.hint}" if source
+                     else f"  - {problem}")
     if len(problems) > MAX_LISTED:
         lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
     raise NaglError("\n".join(lines))
