@@ -559,3 +559,24 @@ def test_weights_are_loaded_without_running_pickled_code(tmp_path):
     with pytest.raises(NaglError, match="cannot read weights file"):
         read_state_dict(checkpoint)
     assert not (tmp_path / "ran").exists()
+
+
+def test_extraction_limits_hold_for_7z_and_gz(tmp_path, monkeypatch):
+    # The formats added for AITEX (.7z) and MNIST (bare .gz) go through the same budget.
+    import gzip
+
+    import py7zr
+
+    with py7zr.SevenZipFile(tmp_path / "big.7z", "w") as seven:
+        seven.writestr(bytes(6000), "a.bin")
+        seven.writestr(bytes(6000), "b.bin")
+    with pytest.raises(NaglError, match=r"more than 10000 bytes .*NAGL_EXTRACT_MAX_BYTES"):
+        safe_extract(tmp_path / "big.7z", tmp_path / "out", LIMITS)
+    assert not (tmp_path / "out").exists()
+    # (not zeros: a gzip of zeros reads as an empty tar archive)
+    (tmp_path / "zeros.gz").write_bytes(gzip.compress(b"ab" * 100 * 1024))
+    monkeypatch.setattr("nagl.data.archives.RATIO_FLOOR", 1024)
+    limits = ExtractionLimits(max_bytes=10**12, max_members=10, max_ratio=100.0)
+    with pytest.raises(NaglError, match="more than 100 times its own size.*NAGL_EXTRACT_MAX_RATIO"):
+        safe_extract(tmp_path / "zeros.gz", tmp_path / "out", limits)
+    assert not (tmp_path / "out").exists()
