@@ -26,7 +26,7 @@ from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.errors import NaglError
 from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method
-from nagl.methods.base import anomaly_maps, image_scores
+from nagl.methods.base import anomaly_maps, image_scores, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
@@ -80,7 +80,9 @@ def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) 
         row = read_json(run_file)
     except (OSError, ValueError):
         return False
-    return row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
+    # A cell written before `n_pseudo_masks` existed lacks a column of `runs`: rerun it.
+    return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
+            and "n_pseudo_masks" in row)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -225,30 +227,33 @@ class Evaluator:
                         query_features[begin:begin + QUERY_BATCH], normal_features[:key.k_normal],
                         abnormal_features[:key.k_abnormal], masks, self.backbone.grid))
             patch_map = torch.cat(patch_maps)
+            n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             scores = image_scores(patch_map).numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start
-            maps = anomaly_maps(patch_map, resolution).numpy()
+            in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
+            # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
+            maps = anomaly_maps(patch_map, resolution).numpy() if self.has_masks or in_gallery else None
             metrics = {"image": image_metrics(labels, scores),
                        "pixel": (pixel_metrics(query_masks, maps) if self.has_masks
                                  else {"auroc": None, "ap": None, "f1max": None, "aupro": None})}
             scores_frame = pd.DataFrame({"image_path": queries["image_path"],
                                          "defect_type": queries["defect_type"],
                                          "label": labels.astype(int), "score": scores})
-            gallery_frame = (_gallery(queries, self.root, maps, self.has_masks)
-                             if gallery and (key.k_normal, key.k_abnormal) == gallery_setting else None)
+            gallery_frame = _gallery(queries, self.root, maps, self.has_masks) if in_gallery else None
             write_cell(key.folder(self.results), self._run_row(key, split, len(queries), int(labels.sum()),
-                                                               score_seconds, time.perf_counter() - start),
+                                                               score_seconds, time.perf_counter() - start,
+                                                               n_pseudo),
                        metrics, scores_frame, split_json, gallery_frame)
 
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
-                 score_seconds: float, eval_seconds: float) -> dict:
+                 score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:
         versions = package_versions()
         return {
             "run_id": key.run_id(self.settings_hash), **key.__dict__,
             "backbone_identity": self.backbone.identity,
             "in_domain": key.source == key.target,
             "image_size": self.config["image_size"], "eval_resolution": self.config["eval_resolution"],
-            "n_queries": n_queries, "n_anomalous_queries": n_anomalous,
+            "n_queries": n_queries, "n_anomalous_queries": n_anomalous, "n_pseudo_masks": n_pseudo_masks,
             "config_hash": self.settings_hash, "method_config_hash": self.method_config_hash,
             "checkpoint_hash": self.checkpoint_hash,
             "source_dataset_hash": self.source_hash, "target_dataset_hash": self.target_hash,

@@ -159,6 +159,7 @@ def _run_row(run_id: str, key: tuple, in_domain: bool) -> dict:
         "category": category, "k_normal": k_normal, "k_abnormal": k_abnormal, "seed": seed,
         "in_domain": in_domain, "image_size": 224, "eval_resolution": 256,
         "n_queries": 40 - k_abnormal, "n_anomalous_queries": 20 - k_abnormal,
+        "n_pseudo_masks": k_abnormal if target == NO_MASK_TARGET else 0,
         "config_hash": stable_hash(("config",)), "method_config_hash": stable_hash(("method", method)),
         "checkpoint_hash": stable_hash(("checkpoint", source)) if trained else None,
         "source_dataset_hash": dataset_hash(source) if trained else None,
@@ -238,7 +239,8 @@ def _model_rows() -> list[dict]:
 def _dataset_rows() -> list[dict]:
     return [{"name": name, "domain": "embedded", "content_hash": dataset_hash(name),
              "n_categories": len(categories), "n_images": 60 * len(categories),
-             "n_anomalous": 20 * len(categories), "has_masks": name != NO_MASK_TARGET}
+             "n_anomalous": 20 * len(categories), "has_masks": name != NO_MASK_TARGET,
+             "anomaly": "defect", "licence": None}
             for name, categories in TARGETS.items()]
 
 

@@ -42,7 +42,7 @@ CATEGORY_OFFSET = {"x": 0.0, "y": 0.1, "z": 0.0}
 KNN_AUROC = {"A": 0.55, "B": 0.5, "C": 0.45}
 DATASETS = [
     {"name": n, "domain": "industrial", "content_hash": f"md5-{n}", "n_categories": len(c), "n_images": 13 * len(c),
-     "n_anomalous": 3 * len(c), "has_masks": n in WITH_MASKS}
+     "n_anomalous": 3 * len(c), "has_masks": n in WITH_MASKS, "anomaly": "defect", "licence": None}
     for n, c in TARGETS.items()
 ]
 PROVENANCE = {"git_commit": "abc123", "version.nagl": "0.1.0"}
@@ -73,6 +73,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "target": target, "category": category, "k_normal": k_normal, "k_abnormal": k_abnormal, "seed": seed,
         "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
         "n_queries": len(queries), "n_anomalous_queries": int(queries["label"].sum()),
+        "n_pseudo_masks": 0 if target in WITH_MASKS else k_abnormal,
         "config_hash": "cfg", "method_config_hash": "mcfg",
         "checkpoint_hash": None if source == "-" else "ckpt", "source_dataset_hash": None if source == "-" else f"md5-{source}",
         "target_dataset_hash": f"md5-{target}", "split_hash": split.hash, "git_commit": None,

@@ -1,4 +1,4 @@
-"""`nagl datasets ...`: list, show, prepare, validate, push, pull."""
+"""`nagl datasets ...`: list, show, missing, prepare, validate, push, pull."""
 
 from __future__ import annotations
 
@@ -31,22 +31,29 @@ def _status(name: str) -> dict:
 
 @datasets_app.command("list")
 def list_datasets() -> None:
-    """Every dataset of the registry: counts, masks, DVC content hash, prepared or not."""
+    """Every dataset of the registry: flags, licence, counts, DVC content hash, prepared or not.
+
+    ``masks`` and ``anomaly`` are the registry's flags; the counts come from the
+    manifest once the dataset is prepared.
+    """
     from nagl.data.registry import load_registry
 
-    table = Table("name", "domain", "kind", "categories", "images", "anomalous", "masks",
+    table = Table("name", "domain", "kind", "masks", "anomaly", "licence", "categories", "images", "anomalous",
                   "DVC hash", "prepared", title="datasets (config/datasets.yaml)")
     for name, spec in load_registry().items():
         status = _status(name)
         manifest = status.get("manifest")
         if manifest is not None:
-            counts = [str(manifest["category"].nunique()), str(len(manifest)), str(int(manifest["label"].sum())),
-                      "yes" if manifest["mask_path"].notna().any() else "no"]
+            counts = [str(manifest["category"].nunique()), str(len(manifest)), str(int(manifest["label"].sum()))]
         else:
-            counts = ["-", "-", "-", "-"]
-        table.add_row(name, spec.domain, spec.kind, *counts, (status["dvc_hash"] or "-")[:12],
-                      "yes" if status["prepared"] else "no")
+            counts = ["-", "-", "-"]
+        table.add_row(name, spec.domain, spec.kind, _yes_no(spec.masks), spec.anomaly, spec.licence or "-",
+                      *counts, (status["dvc_hash"] or "-")[:12], "yes" if status["prepared"] else "no")
     console.print(table)
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
 
 
 @datasets_app.command("show")
@@ -60,6 +67,8 @@ def show_dataset(name: str) -> None:
     console.print(f"[bold]{name}[/]  kind={spec.kind}  domain={spec.domain}")
     if spec.description:
         console.print(spec.description)
+    console.print(f"masks: {_yes_no(spec.masks)}  anomaly: {spec.anomaly}  licence: {spec.licence or '(not stated)'}",
+                  soft_wrap=True)
     console.print(f"options: {spec.options}")
     console.print(f"path: {dataset_path(name)}  prepared: {'yes' if status['prepared'] else 'no'}")
     console.print(f"DVC content hash: {status['dvc_hash'] or '(not recorded in dvc.lock)'}")
@@ -72,6 +81,34 @@ def show_dataset(name: str) -> None:
     for (category, split, defect), rows in grouped:
         table.add_row(category, split, defect, str(len(rows)), str(int(rows["mask_path"].notna().sum())))
     console.print(table)
+
+
+@datasets_app.command("missing")
+def missing(config: Path = typer.Option(None, "--config", help="run config (default: config/config.yaml)")) -> None:
+    """The archives a run config still needs: where to place each, its size, URL and checksum.
+
+    Datasets already prepared, or recorded in dvc.lock with the data in the DVC
+    cache, need nothing; datasets built from installed packages need no archive.
+    """
+    from nagl.config import load_config, run_datasets
+    from nagl.data.missing import needed_archives
+
+    names = run_datasets(load_config(config))
+    needs = needed_archives(names)
+    if not needs:
+        console.print(f"nothing to place: every dataset of the config ({', '.join(names)}) is prepared "
+                      f"or built without an archive")
+        return
+    # Plain lines, not a table: the path, URL and checksum must never be cut short.
+    for need in needs:
+        how = ("manual: open the page in a browser (it needs a login or is not a file), save the archive there"
+               if need.manual else "automatic where the network allows it (unset NAGL_OFFLINE), or place it by hand")
+        console.print(f"{need.dataset}: {need.path.name}\n  place at: {need.path}\n  size:     {need.size_text}\n"
+                      f"  checksum: {need.checksum_text}\n  get it:   {need.url or 'see docs/datasets.md'}\n"
+                      f"  download: {how}", soft_wrap=True, highlight=False)
+    console.print(f"{len(needs)} archive(s) missing for {len({n.dataset for n in needs})} dataset(s) "
+                  f"(NAGL_DOWNLOADS sets the folder); or `dvc pull` prepared datasets from a remote that has them.",
+                  soft_wrap=True, highlight=False)
 
 
 @datasets_app.command("prepare")

@@ -1,6 +1,9 @@
 """The dataset registry: ``config/datasets.yaml`` names every dataset and how to build it.
 
-An entry is ``name: {kind: ..., domain: ..., <kind options>}``. ``kind`` picks a
+An entry is ``name: {kind: ..., domain: ..., <flags>, <kind options>}``. The flags
+describe the dataset for listings and the results: ``masks`` (true: pixel masks,
+false: image-level labels only; pixel metrics are then NULL), ``anomaly``
+(``defect`` or ``semantic``: another class is the anomaly) and ``licence``. ``kind`` picks a
 builder registered with :func:`register_builder`; a builder writes the dataset in
 the canonical (MVTec AD) layout into a staging folder. Everything after that
 (image normalisation, validation, manifest, DVC versioning) is the same for every
@@ -22,6 +25,9 @@ from nagl.settings import project_dir
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
+ANOMALY_KINDS = ("defect", "semantic")
+FLAG_KEYS = ("kind", "domain", "description", "masks", "anomaly", "licence")
+
 Builder = Callable[["DatasetSpec", Path], None]
 _BUILDERS: dict[str, Builder] = {}
 
@@ -33,6 +39,9 @@ class DatasetSpec:
     domain: str
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    masks: bool | None = None  # None: not stated in the registry
+    anomaly: str = "defect"
+    licence: str | None = None
 
 
 def register_builder(kind: str):
@@ -88,9 +97,17 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
             raise NaglError(f"{where}: names use lower-case letters, digits, '-' and '_'")
         if not isinstance(entry, dict) or "kind" not in entry or "domain" not in entry:
             raise NaglError(f"{where}: needs at least 'kind' and 'domain'")
-        options = {k: v for k, v in entry.items() if k not in ("kind", "domain", "description")}
+        masks, anomaly, licence = entry.get("masks"), entry.get("anomaly", "defect"), entry.get("licence")
+        if masks is not None and not isinstance(masks, bool):
+            raise NaglError(f"{where}: 'masks' must be true or false, got {masks!r}")
+        if anomaly not in ANOMALY_KINDS:
+            raise NaglError(f"{where}: 'anomaly' must be one of {', '.join(ANOMALY_KINDS)}, got {anomaly!r}")
+        if licence is not None and not isinstance(licence, str):
+            raise NaglError(f"{where}: 'licence' must be a string, got {licence!r}")
+        options = {k: v for k, v in entry.items() if k not in FLAG_KEYS}
         specs[name] = DatasetSpec(name=name, kind=str(entry["kind"]), domain=str(entry["domain"]),
-                                  options=options, description=str(entry.get("description", "")))
+                                  options=options, description=str(entry.get("description", "")),
+                                  masks=masks, anomaly=anomaly, licence=licence)
     return specs
 
 

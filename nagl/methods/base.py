@@ -141,6 +141,20 @@ def _mask_list(abnormal_masks: MaskInput, k2: int) -> list[torch.Tensor | None]:
     return masks
 
 
+def pooled_reference_masks(abnormal_masks: MaskInput, k2: int, grid: tuple[int, int]) -> torch.Tensor:
+    """The ``k2`` abnormal references' masks pooled to the grid ``(k2, G)`` bool; all False where none is given."""
+    patch_masks = torch.zeros((k2, grid[0] * grid[1]), dtype=torch.bool)
+    for j, mask in enumerate(_mask_list(abnormal_masks, k2)):
+        if mask is not None:
+            patch_masks[j] = pool_masks(torch.as_tensor(mask)[None], grid)[0]
+    return patch_masks
+
+
+def pseudo_mask_count(abnormal_masks: MaskInput, k2: int, grid: tuple[int, int]) -> int:
+    """How many of ``k2`` abnormal references get a pseudo-mask: no mask, or one that covers no patch."""
+    return int((~pooled_reference_masks(abnormal_masks, k2, grid).any(dim=1)).sum())
+
+
 def prepare_references(normal: torch.Tensor | None, abnormal: torch.Tensor | None,
                        abnormal_masks: MaskInput, grid: tuple[int, int],
                        pseudo_count: int | None = None,
@@ -175,11 +189,7 @@ def prepare_references(normal: torch.Tensor | None, abnormal: torch.Tensor | Non
                         f"use features of one backbone")
 
     if patch_masks is None:
-        given = _mask_list(abnormal_masks, k2)
-        patch_masks = torch.zeros((k2, g), dtype=torch.bool)
-        for j, mask in enumerate(given):
-            if mask is not None:
-                patch_masks[j] = pool_masks(torch.as_tensor(mask)[None], grid)[0]
+        patch_masks = pooled_reference_masks(abnormal_masks, k2, grid)
     else:
         patch_masks = patch_masks.clone().bool()
     missing = ~patch_masks.any(dim=1)

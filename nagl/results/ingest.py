@@ -277,6 +277,7 @@ def dataset_rows(names: list[str]) -> list[dict]:
             "n_categories": int(manifest["category"].nunique()), "n_images": len(manifest),
             "n_anomalous": int(manifest["label"].sum()),
             "has_masks": bool(manifest["mask_path"].notna().any()),
+            "anomaly": registry[name].anomaly, "licence": registry[name].licence,
         })
     return rows
 

@@ -19,6 +19,7 @@ CREATE TABLE runs (
     eval_resolution     INTEGER NOT NULL,     -- pixel metrics are computed at this size
     n_queries           INTEGER NOT NULL,
     n_anomalous_queries INTEGER NOT NULL,
+    n_pseudo_masks      INTEGER NOT NULL,     -- abnormal references without a usable mask (pseudo-mask, nagl-method.md)
     config_hash         VARCHAR NOT NULL,     -- hash of the settings that determine the cell (backbone, sizes, training)
     method_config_hash  VARCHAR NOT NULL,     -- hash of the method's own settings
     checkpoint_hash     VARCHAR,              -- NULL for training-free methods
@@ -86,7 +87,9 @@ CREATE TABLE datasets (
     n_categories   INTEGER NOT NULL,
     n_images       INTEGER NOT NULL,
     n_anomalous    INTEGER NOT NULL,
-    has_masks      BOOLEAN NOT NULL
+    has_masks      BOOLEAN NOT NULL,           -- some image has a pixel mask (else pixel metrics are NULL)
+    anomaly        VARCHAR NOT NULL CHECK (anomaly IN ('defect', 'semantic')),
+    licence        VARCHAR                     -- as stated in config/datasets.yaml; NULL: not stated
 );
 
 -- A few queries per target with their ground truth and each method's map, as
