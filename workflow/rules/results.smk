@@ -11,6 +11,8 @@ rule ingest:
         dvc=1,  # reads dvc.lock for the datasets' content hashes
     log:
         f"{RESULTS}/logs/ingest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest.tsv"
     shell:
         "{PY} -m nagl step ingest --config {RUN_CONFIG} --out {output} {input.jobs} > {log} 2>&1"
 
@@ -22,5 +24,7 @@ rule report:
         REPORT,
     log:
         f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
     shell:
         "{PY} -m nagl report --db {input} --out {output} > {log} 2>&1"
