@@ -9,8 +9,10 @@
 #
 # The node is this host with its real CPU and memory counts (`slurmd -C`). Two
 # partitions, `cpu` (default) and `gpu`, as the profile names them; the node
-# offers its real GPUs (/dev/nvidia[0-9]*) as `gpu` gres, or one count-only gpu
-# (standing for /dev/null) when it has none, so the profile's GPU jobs are scheduled (they then run on the CPU).
+# offers its real GPUs (/dev/nvidia[0-9]*) as `gpu` gres, or, when it has none,
+# one stand-in gpu (device file /dev/null), so that the profile's GPU jobs are
+# scheduled (they then run on the CPU). Daemons talk over 127.0.0.1, so the host
+# name need not resolve (containers).
 #
 # Accounting: no slurmdbd. The executor plugin then follows its jobs with
 # `squeue --states=all`, which lists a finished job for MinJobAge (here 1 h).
@@ -23,7 +25,7 @@ CONF_DIR=/etc/slurm
 STATE_DIR=${SLURM_LOCAL_STATE:-/var/lib/slurm-local}
 LOG_DIR=/var/log/slurm
 JOBCOMP=${SLURM_LOCAL_JOBCOMP:-$LOG_DIR/jobcomp.log}
-PACKAGES=(munge slurmctld slurmd slurm-client)
+PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client)
 
 die() { echo "slurm-local: $*" >&2; exit 1; }
 # Exit status 3: SLURM is not installed and cannot be (the test suite skips on it).
@@ -35,7 +37,7 @@ install_packages() {
     command -v apt-get >/dev/null || cannot_install "apt-get not found: install ${PACKAGES[*]} by hand"
     echo "slurm-local: installing ${PACKAGES[*]} (apt-get)" >&2
     apt-get update -qq || cannot_install "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${PACKAGES[@]}" >/dev/null ||
         cannot_install "apt-get install ${PACKAGES[*]} failed"
 }
 
@@ -62,7 +64,7 @@ write_config() {
     cat >"$CONF_DIR/slurm.conf" <<EOF
 # Written by scripts/slurm-local.sh: a one-node cluster on this host.
 ClusterName=nagl-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE_DIR/ctld
@@ -83,7 +85,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$JOBCOMP
 GresTypes=gpu
-${node} Gres=gpu:$gpus State=UNKNOWN
+${node} NodeAddr=127.0.0.1 Gres=gpu:$gpus State=UNKNOWN
 PartitionName=cpu Nodes=$host Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$host MaxTime=INFINITE State=UP
 EOF
@@ -101,10 +103,12 @@ start_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
     if ! munge -n >/dev/null 2>&1; then
         if id munge >/dev/null 2>&1; then
-            su -s /bin/sh munge -c "munged --pid-file=$STATE_DIR/munged.pid"
+            su -s /bin/sh munge -c "munged --pid-file=/run/munge/munged.pid"
         else
-            munged --force --pid-file="$STATE_DIR/munged.pid"
+            munged --force --pid-file=/run/munge/munged.pid
         fi
+        # Only a munged started here is stopped by `stop`.
+        cp /run/munge/munged.pid "$STATE_DIR/munged.pid"
     fi
     munge -n | unmunge >/dev/null || die "munge does not work (see /var/log/munge/munged.log)"
 }
