@@ -10,5 +10,7 @@ rule prepare_dataset:
         dvc=1,  # DVC commands never run at the same time
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
     shell:
         "{PY} -m nagl datasets prepare {wildcards.dataset} > {log} 2>&1"

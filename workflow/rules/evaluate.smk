@@ -25,6 +25,8 @@ rule evaluate:
     threads: 1
     log:
         f"{RESULTS}/logs/evaluate/{{method}}-{{source}}-{{target}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{method}}-{{source}}-{{target}}.tsv"
     shell:
         "{PY} -m nagl step evaluate --method {wildcards.method} --source {wildcards.source} "
         "--target {wildcards.target} --config {RUN_CONFIG} --threads {threads} --out {output} "

@@ -13,6 +13,8 @@ rule extract_features:
     threads: 2
     log:
         f"{RESULTS}/logs/features/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/extract_features/{{dataset}}.tsv"
     shell:
         "{PY} -m nagl step features {wildcards.dataset} --config {RUN_CONFIG} "
         "--threads {threads} --out {output} > {log} 2>&1"

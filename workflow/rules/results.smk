@@ -22,6 +22,8 @@ rule ingest:
         dvc=1,  # reads dvc.lock for the datasets' content hashes
     log:
         f"{RESULTS}/logs/ingest.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ingest.tsv"
     shell:
         "{PY} -m nagl step ingest --config {RUN_CONFIG} --out {DB} --stamp {output} {input.jobs} > {log} 2>&1"
 
@@ -33,5 +35,7 @@ rule report:
         REPORT_STAMP,
     log:
         f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
     shell:
         "{PY} -m nagl step report --db {DB} --out {REPORT} --stamp {output} > {log} 2>&1"

@@ -14,6 +14,8 @@ rule train:
     threads: 2
     log:
         f"{RESULTS}/logs/train/{{method}}-{{source}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{method}}-{{source}}.tsv"
     shell:
         "{PY} -m nagl step train --method {wildcards.method} --source {wildcards.source} "
         "--config {RUN_CONFIG} --threads {threads} --out {output} > {log} 2>&1"
