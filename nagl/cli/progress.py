@@ -83,7 +83,7 @@ class WorkflowProgress(logging.Handler):
         self.started = time.monotonic()
         self._last_line = -float("inf")
         self._last_text = ""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # render() runs in rich's refresh thread too
         self.live: Live | None = None
         self.log_file: Path | None = None  # Snakemake's own log of this run
 
@@ -118,7 +118,7 @@ class WorkflowProgress(logging.Handler):
             elif event == "" and str(record.msg or "").startswith("Nothing to be done"):
                 self._print(str(record.msg))
             if self.live is not None:
-                self.live.update(self.render())
+                self.live.refresh()
 
     # ------------------------------------------------------------- output --
 
@@ -134,6 +134,10 @@ class WorkflowProgress(logging.Handler):
                 f"elapsed {_duration(elapsed)}{left}")
 
     def render(self) -> Group:
+        with self._lock:
+            return self._render()
+
+    def _render(self) -> Group:
         counts = self.counts
         table = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
         table.add_column("rule")
@@ -212,7 +216,7 @@ def follow(log_dir: Path, verbose: bool = False, interval: float = 10.0,
         for handler in streams:
             logger.removeHandler(handler)
         logger.addHandler(progress)
-    live = Live(progress.render(), console=console, refresh_per_second=2, transient=False) \
+    live = Live(console=console, get_renderable=progress.render, refresh_per_second=2) \
         if console.is_terminal and not verbose else None
     progress.live = live
     try:
