@@ -65,7 +65,12 @@ def main_table(table: MainTable | None) -> str:
     width = 2 + len(table.columns)
     bodies = []
     for block in table.blocks:
-        lines = [f'<tr class="block"><th colspan="{width}">{esc(normal_refs(block.k_normal))}</th></tr>']
+        seeds = sorted({row.mean.n_ref for row in block.rows if row.mean.mean is not None})
+        trains = sorted({row.mean.n_train for row in block.rows if row.mean.n_train})
+        spread = f"{'/'.join(map(str, seeds))} reference seeds" + (
+            f", {'/'.join(map(str, trains))} training seeds" if trains else "")
+        lines = [f'<tr class="block"><th colspan="{width}">{esc(normal_refs(block.k_normal))}'
+                 f'<span class="n"> · {esc(spread)} per value</span></th></tr>']
         current = None
         for row in block.rows:
             if (row.training, row.references) != current:
