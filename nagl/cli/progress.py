@@ -194,22 +194,23 @@ def _snakemake_formatter() -> logging.Formatter:
 
 
 @contextlib.contextmanager
-def follow(log_dir: Path, verbose: bool = False, interval: float = 10.0,
+def follow(log_dir: Path | None, verbose: bool = False, interval: float = 10.0,
            console: Console | None = None) -> Iterator[WorkflowProgress]:
-    """Show the progress of the Snakemake run inside this block; keep its log in ``log_dir``.
+    """Show the progress of the Snakemake run inside this block; keep its log in ``log_dir`` (if given).
 
     Call it inside ``SnakemakeApi(...)``: Snakemake sets up its logger there.
     """
     from snakemake.logging import logger
 
     console = console or Console(stderr=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"snakemake-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
-    file_handler.setLevel(logging.INFO)
-    file_handler.setFormatter(_snakemake_formatter())
     progress = WorkflowProgress(console, interval)
-    progress.log_file = log_file
+    file_handler: logging.Handler = logging.NullHandler()
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        progress.log_file = log_dir / f"snakemake-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+        file_handler = logging.FileHandler(progress.log_file, encoding="utf-8")
+        file_handler.setLevel(logging.INFO)
+        file_handler.setFormatter(_snakemake_formatter())
     streams = [h for h in logger.handlers if h.name == "DefaultStreamHandler"]
     logger.addHandler(file_handler)
     if not verbose:

@@ -146,7 +146,8 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     if not snakefile.is_file():
         raise NaglError(f"{snakefile} not found; run nagl from the project folder or set NAGL_HOME")
     with (_exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api,
-          follow(workdir / config["results"] / "logs", verbose or dry_run, progress_every) as progress):
+          follow(None if dry_run else workdir / config["results"] / "logs", verbose or dry_run,
+                 progress_every) as progress):
         workflow = api.workflow(
             resource_settings=ResourceSettings(cores=cores, resources={"dvc": 1}),
             config_settings=ConfigSettings(configfiles=[config_path], replace_workflow_config=True),
