@@ -154,8 +154,10 @@ def page(db, tmp_path_factory) -> str:
 # -------------------------------------------------------------------- tests --
 
 def test_all_sections_and_plots_exist_and_plotly_is_inlined_once(page):
-    for section in ("headline", "heatmaps", "shots", "breakdowns", "efficiency", "gallery", "definitions"):
+    for section in ("main", "gains", "trust", "heatmaps", "shots", "breakdowns", "efficiency", "gallery",
+                    "definitions"):
         assert f'<section id="{section}">' in page
+    assert page.index('<section id="main">') < page.index('<section id="heatmaps">')  # the main table first
     plot_ids = re.findall(r'<div id="([^"]+)" class="plot">', page)
     assert plot_ids == ["plot-heatmap", "plot-shots-image-auroc", "plot-shots-pixel-auroc",
                         "plot-shots-pixel-aupro", "plot-speed"]
@@ -168,35 +170,58 @@ def test_all_sections_and_plots_exist_and_plotly_is_inlined_once(page):
     assert "<script src" not in rest and "<link" not in rest
     assert not re.search(r"(src|href)=\"https?:|@import|url\(", rest)
     found = tables(page)
-    for table_id in ("headline-table", "table-per-target", "table-per-category", "table-efficiency",
+    for table_id in ("main-table", "gains-table", "table-per-target", "table-per-category", "table-efficiency",
                      "table-software", "table-datasets", "table-provenance"):
         assert body_rows(found[table_id]), table_id
 
 
-def test_headline_numbers_equal_a_direct_computation(db, page):
+def main_rows(page: str) -> list[dict]:
+    return [r for r in body_rows(tables(page)["main-table"]) if "method-row" in r["attrs"].get("class", "")]
+
+
+def test_main_table_merges_identical_computations_and_groups_columns_by_domain(page):
+    rows = main_rows(page)
+    labels = [r["cells"][0]["text"] for r in rows]
+    # Per k_normal: knn-normal (its 1-abnormal run, knn-naive and nagl without abnormal references are the
+    # same numbers in every cell), knn-naive + 1 abnormal, nagl + 1 abnormal. Decided from the metrics.
+    assert labels == ["knn-normal (also with 1 abnormal; = knn-naive, 0 abnormal; = nagl, 0 abnormal)",
+                      "knn-naive + 1 abnormal", "nagl + 1 abnormal"] * 3
+    groups = [r["cells"][0]["text"] for r in tables(page)["main-table"] if "group" == r["attrs"].get("class")]
+    assert groups == ["Training-free · normal only", "Training-free · normal + abnormal",
+                      "Trained · normal + abnormal"] * 3
+    head = tables(page)["main-table"][:2]
+    assert [c["text"] for c in head[0]["cells"]] == ["Method", "Industrial", "Medical", "Mean"]
+    assert [c["attrs"]["colspan"] for c in head[0]["cells"][1:3]] == ["2", "1"]
+    assert [c["text"] for c in head[1]["cells"]] == [f"{ODD_TARGET}3 cat.", "emb-fabric2 cat.", "emb-xray2 cat."]
+
+
+def test_main_table_numbers_equal_a_direct_computation(db, page):
     expected = expected_leaderboard(db)
-    rows = body_rows(tables(page)["headline-table"])
-    assert len(rows) == len(METHODS) * 6
-    seen = set()
-    for row in rows:
-        method, shot = row["attrs"]["data-method"], row["attrs"]["data-shot"]
-        kn, ka = map(int, shot.split("|"))
-        for cell in row["cells"][3:]:
-            level, metric = cell["attrs"]["data-metric"].split("-")
-            mu, std, n_seeds, n_targets = expected[(method, kn, ka, level, metric)]
-            assert float(cell["attrs"]["data-sort"]) == pytest.approx(mu, abs=1e-8)
-            shown_mean, shown_std = cell["spans"]["stat"].split(" ± ")
-            assert float(shown_mean) == pytest.approx(mu, abs=5e-4 + 1e-9)
-            assert float(shown_std) == pytest.approx(std, abs=5e-4 + 1e-9)
-            counts = cell["spans"]["n"]
-            assert counts.startswith(f"{n_targets} targets ·") and counts.endswith(f"· {n_seeds} seeds")
-            seen.add((method, kn, ka, level, metric))
-    assert len(seen) == len(METHODS) * 6 * 3
-    # Pixel metrics rest on the two targets with masks and their five categories.
-    assert "2 targets · 5 categories · 3 seeds" in page and "3 targets · 7 categories · 3 seeds" in page
+    rows = main_rows(page)
+    for row, k_normal in zip(rows, (1, 1, 1, 2, 2, 2, 4, 4, 4), strict=True):
+        method, _backbone, k_abnormal = row["attrs"]["data-members"].split("; ")[0].split("|")
+        mu, std, n_seeds, n_targets = expected[(method, k_normal, int(k_abnormal), "image", "auroc")]
+        mean_cell = row["cells"][-1]
+        assert float(mean_cell["attrs"]["data-sort"]) == pytest.approx(mu, abs=1e-9)
+        assert mean_cell["text"] == f"{mu:.3f} ± {std:.3f}"
+        assert mean_cell["attrs"]["title"] == f"{n_seeds} reference seeds, 7 categories, {n_targets} targets"
+    # A merged row's numbers are those of every name it stands for.
+    for method in ("knn-naive", "nagl"):
+        assert expected[(method, 4, 0, "image", "auroc")] == pytest.approx(expected[("knn-normal", 4, 0, "image", "auroc")])
 
 
-def test_headline_leaves_out_in_domain_cells_and_ranks_by_image_auroc(db, page):
+def test_main_table_bold_is_the_column_best_and_in_domain_cells_are_marked_and_left_out(db, page):
+    rows = main_rows(page)
+    for block in (rows[0:3], rows[3:6], rows[6:9]):
+        for column in range(1, 5):
+            values = [float(r["cells"][column]["attrs"]["data-sort"]) for r in block]
+            classes = [r["cells"][column]["attrs"]["class"] for r in block]
+            assert classes[values.index(max(values))] == "num best1"
+            assert classes[values.index(sorted(values)[-2])] == "num best2"
+            assert sum("best" in c for c in classes) == 2
+    nagl = rows[-1]
+    assert all(c["text"].endswith("†") for c in nagl["cells"][1:4]) and not nagl["cells"][4]["text"].endswith("†")
+    assert not any("†" in c["text"] for r in rows if not r["cells"][0]["text"].startswith("nagl") for c in r["cells"])
     with duckdb.connect(str(db), read_only=True) as con:
         with_in_domain = con.execute("""
             SELECT AVG(value) FROM (
@@ -205,13 +230,89 @@ def test_headline_leaves_out_in_domain_cells_and_ranks_by_image_auroc(db, page):
                     WHERE method = 'nagl' AND k_normal = 4 AND k_abnormal = 1
                       AND level = 'image' AND metric = 'auroc'
                     GROUP BY seed, target) GROUP BY seed)""").fetchone()[0]
-    rows = [r for r in body_rows(tables(page)["headline-table"]) if r["attrs"]["data-shot"] == "4|1"]
-    nagl = next(r for r in rows if r["attrs"]["data-method"] == "nagl")
-    shown = float(nagl["cells"][3]["attrs"]["data-sort"])
-    assert abs(shown - with_in_domain) > 0.005  # the fixture's in-domain cells would shift it
-    ranks = [int(r["cells"][0]["text"]) for r in rows]
-    means = [float(r["cells"][3]["attrs"]["data-sort"]) for r in rows]
-    assert ranks == [1, 2, 3] and means == sorted(means, reverse=True)
+    assert abs(float(nagl["cells"][4]["attrs"]["data-sort"]) - with_in_domain) > 0.005
+
+
+def test_abnormal_reference_gains_are_paired_differences_over_seeds(db, page):
+    rows = body_rows(tables(page)["gains-table"])
+    assert [r["cells"][0]["text"] for r in rows] == [f"{m}: 1 − 0 abnormal" for m in
+                                                     ("knn-naive", "knn-normal", "nagl")] * 3
+    with duckdb.connect(str(db), read_only=True) as con:
+        per_seed = dict(con.execute("""
+            SELECT seed, AVG(CASE WHEN k_abnormal = 1 THEN value END) - AVG(CASE WHEN k_abnormal = 0 THEN value END)
+            FROM target_means WHERE method = 'nagl' AND k_normal = 2 AND NOT in_domain AND target = 'emb-fabric'
+              AND level = 'image' AND metric = 'auroc' GROUP BY seed""").fetchall())
+    nagl = rows[5]
+    fabric = nagl["cells"][2]
+    values = list(per_seed.values())
+    mu = sum(values) / 3
+    sd = math.sqrt(sum((v - mu) ** 2 for v in values) / 2)
+    assert float(fabric["attrs"]["data-sort"]) == pytest.approx(mu, abs=1e-9)
+    assert fabric["text"] == f"{mu:+.3f} ± {sd:.3f}" and mu > 0.03
+    knn_normal = rows[4]
+    assert all(c["text"] == "+0.000 ± 0.000" for c in knn_normal["cells"][1:])  # it ignores the reference
+
+
+def test_trust_sections_say_not_computed_until_their_data_exists(db, page, tmp_path):
+    trust = page.split('<section id="trust">')[1].split("</section>")[0]
+    assert trust.count("Not computed") == 2
+    assert "no <code>reference_checks</code> table" in trust and "no <code>protocol</code> column" in trust
+
+    copy = build_results_db(tmp_path / "trust.duckdb")
+    with duckdb.connect(str(copy)) as con:
+        con.execute("CREATE TABLE reference_checks (run_id VARCHAR, variant VARCHAR, image_auroc DOUBLE, "
+                    "pixel_auroc DOUBLE)")
+        con.execute("""INSERT INTO reference_checks
+            SELECT r.run_id, 'shuffled', m.value - 0.1, NULL FROM runs r JOIN metrics m USING (run_id)
+            WHERE r.method = 'nagl' AND NOT r.in_domain AND m.level = 'image' AND m.metric = 'auroc'""")
+        con.execute("ALTER TABLE runs ADD COLUMN protocol VARCHAR DEFAULT 'clean'")
+    html = build_report(copy, tmp_path / "trust.html", generated=WHEN).read_text(encoding="utf-8")
+    checks = body_rows(tables(html)["table-reference-checks"])
+    assert len(checks) == 1
+    assert [c["text"] for c in checks[0]["cells"]][:3] == ["nagl", "effnet-lite0", "shuffled"]
+    assert checks[0]["cells"][5]["text"] == "-0.100" and checks[0]["cells"][-1]["text"] == str(2 * 7 * 6 * 3)
+    inflation = html.split('<h3 id="protocol-inflation">')[1].split("</h3>")[1]
+    assert inflation.startswith('<p class="not-computed">Not computed: no cell was run under both')
+    assert main_rows(html) == main_rows(page)  # clean runs only: the same main table
+
+
+def test_latex_export_has_the_table_shape_and_escapes_names(db, tmp_path):
+    from nagl.cli.main import _app
+
+    out = tmp_path / "table.tex"
+    result = CliRunner().invoke(_app, ["report", "--db", str(db), "--out", str(out), "--format", "latex"])
+    assert result.exit_code == 0, result.output
+    tex = out.read_text(encoding="utf-8")
+    assert "\\begin{tabular}{lcccc}" in tex and "\\toprule" in tex and "\\bottomrule" in tex
+    rows = [line for line in tex.splitlines() if line.endswith("\\\\") and "$" in line]
+    assert len(rows) == 3 * 3  # 3 blocks x 3 distinct computations
+    assert all(line.count(" & ") == 4 for line in rows)  # method + 3 targets + mean
+    assert "emb-\\textless{}b\\textgreater{}\\&\"metal" in tex and "<b>" not in tex
+    assert "\\multicolumn{2}{c}{Industrial} & \\multicolumn{1}{c}{Medical}" in tex
+    assert sum(line.count("\\mathbf{") for line in rows) == 3 * 4  # one best per column per block
+    csv_out = tmp_path / "table.csv"
+    assert CliRunner().invoke(_app, ["report", "--db", str(db), "--out", str(csv_out), "-f", "csv"]).exit_code == 0
+    import csv
+    lines = list(csv.reader(csv_out.open(encoding="utf-8")))
+    assert len(lines) == 1 + 9 and lines[0][4] == f"{ODD_TARGET} mean" and len(lines[0]) == 4 + 2 * 4 + 4
+    bad = CliRunner().invoke(_app, ["report", "--db", str(db), "--format", "pdf"])
+    assert bad.exit_code != 0 and "--format 'pdf' is not known" in str(bad.exception)
+
+
+def test_domain_groups_and_spread_with_training_seeds():
+    from nagl.report.main_table import domain_group, summarize
+
+    assert [domain_group(d) for d in ("objects", "industrial-texture", "industrial", "medical-microscopy",
+                                      "medical", "semantic", "aerial")] == [
+        "industrial", "industrial", "industrial", "medical", "medical", "semantic", "aerial"]
+    reference_only = summarize({(None, 0): 0.8, (None, 1): 0.9, (None, 2): None})
+    assert (reference_only.mean, reference_only.n_ref, reference_only.sd_train) == (pytest.approx(0.85), 2, None)
+    assert reference_only.sd_ref == pytest.approx(math.sqrt(0.005))
+    both = summarize({(0, 0): 0.8, (0, 1): 0.9, (1, 0): 0.6, (1, 1): 0.6})
+    assert both.mean == pytest.approx(0.725) and both.n_train == 2 and both.n_ref == 2
+    assert both.sd_train == pytest.approx(math.sqrt(2) * 0.125)  # sd of the training seeds' means 0.85, 0.6
+    assert both.sd_ref == pytest.approx(math.sqrt(0.005) / 2)  # mean of the per-training-seed sds
+    assert both.text() == f"0.725 ± {math.sqrt(0.005) / 2:.3f} (train ± {math.sqrt(2) * 0.125:.3f})"
 
 
 def test_missing_values_are_shown_as_missing_never_zero(db, page, tmp_path):
@@ -229,19 +330,12 @@ def test_missing_values_are_shown_as_missing_never_zero(db, page, tmp_path):
     assert all(row[column] is None for row in pixel_auroc["z"])
     assert all(row[column].split("<br>")[0] == "—" for row in pixel_auroc["text"])
 
-    # A method with no pixel values at all: its headline cells say so instead of 0.
+    # A method with no pixel values at all: its breakdown cells say so instead of 0.
     copy = build_results_db(tmp_path / "nulls.duckdb")
     with duckdb.connect(str(copy)) as con:
         con.execute("UPDATE metrics SET value = NULL WHERE level = 'pixel' AND run_id IN "
                     "(SELECT run_id FROM runs WHERE method = 'knn-naive')")
     html = build_report(copy, tmp_path / "nulls.html", generated=WHEN).read_text(encoding="utf-8")
-    naive = [r for r in body_rows(tables(html)["headline-table"]) if r["attrs"]["data-method"] == "knn-naive"]
-    assert len(naive) == 6
-    for row in naive:
-        image, pixel, aupro = row["cells"][3:]
-        assert re.fullmatch(r"0\.\d{3} ± 0\.\d{3}", image["spans"]["stat"])
-        for cell in (pixel, aupro):
-            assert cell["spans"] == {"stat": "—", "n": "no values"} and cell["attrs"]["data-sort"] == ""
     breakdown = [r for r in body_rows(tables(html)["table-per-target"])
                  if r["attrs"]["data-method-key"].startswith("knn-naive|")]
     assert len(breakdown) == len(TARGETS) * 6
@@ -279,7 +373,7 @@ def test_gallery_embeds_queries_masks_and_cross_domain_maps(db, page):
     assert len(images) == queries + masks + queries * len(METHODS)
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data, _ in images)
     gallery = page.split('<section id="gallery">')[1].split("</section>")[0]
-    assert gallery.count("no mask") == len(DEFECTS) + 1
+    assert gallery.count("<span class=\"missing\">image-level labels only</span>") == len(DEFECTS) + 1
     captions = re.findall(r"<figcaption>(trained on [^<]*)</figcaption>", gallery)
     assert len(captions) == queries and not any("in-domain" in c for c in captions)
     assert all(c.endswith("4N + 1A, seed 0") for c in captions)
@@ -362,7 +456,7 @@ def test_empty_database_gives_a_report_that_says_so(tmp_path):
         con.execute(SCHEMA.read_text(encoding="utf-8"))
     html = build_report(db, tmp_path / "empty.html", generated=WHEN).read_text(encoding="utf-8")
     assert '<section id="no-results">' in html and "holds no evaluation runs" in html
-    assert "nagl run" in html and "plotly-js" not in html and "headline-table" not in html
+    assert "nagl run" in html and "plotly-js" not in html and "main-table" not in html
 
 
 def test_cli_report_command(db, tmp_path):
@@ -372,7 +466,7 @@ def test_cli_report_command(db, tmp_path):
     result = CliRunner().invoke(_app, ["report", "--db", str(db), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
-    assert '<table id="headline-table"' in out.read_text(encoding="utf-8")
+    assert '<table id="main-table"' in out.read_text(encoding="utf-8")
     missing = CliRunner().invoke(_app, ["report", "--db", str(tmp_path / "none.duckdb"), "--out", str(out)])
     assert missing.exit_code != 0 and isinstance(missing.exception, NaglError)
     assert "run `nagl run` first" in str(missing.exception)

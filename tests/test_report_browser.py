@@ -1,8 +1,10 @@
 """The report in a real headless Chromium: it runs, draws every plot, works offline.
 
 Chromium is Debian's (``/usr/bin/chromium``, or ``$NAGL_CHROMIUM``), driven by
-playwright with ``executable_path`` (no browser download). Set
-``NAGL_REPORT_SCREENSHOT=1`` to also write the screenshot to ``reports/leaderboard.png``.
+playwright with ``executable_path`` (no browser download). It writes one screenshot
+per section to pytest's temporary folder; set ``NAGL_REPORT_SCREENSHOT=1`` to also
+write them to ``reports/screenshots/``. (The README's screenshots of the real
+default run come from ``scripts/report_screenshots.py``.)
 """
 
 from __future__ import annotations
@@ -54,16 +56,47 @@ def browser_page(tmp_path_factory):
         browser.close()
 
 
-def test_screenshot(browser_page, tmp_path):
+SECTION_IDS = ("main", "gains", "trust", "heatmaps", "shots", "breakdowns", "efficiency", "gallery", "definitions")
+
+
+def test_one_screenshot_per_section(browser_page, tmp_path):
     """First, so it shows the report as opened (the later tests click and filter)."""
-    page, _ = browser_page
-    shot = tmp_path / "leaderboard.png"
-    page.screenshot(path=str(shot), full_page=True)
-    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000
+    page, events = browser_page
+    folder = tmp_path / "screenshots"
+    folder.mkdir()
+    for section in SECTION_IDS:
+        locator = page.locator(f"section#{section}")
+        assert locator.is_visible() and locator.bounding_box()["height"] > 40, section
+        locator.screenshot(path=str(folder / f"{section}.png"))
+        assert (folder / f"{section}.png").read_bytes().startswith(b"\x89PNG")
+    assert events["errors"] == []
     if os.environ.get("NAGL_REPORT_SCREENSHOT"):
-        target = Path(__file__).resolve().parents[1] / "reports" / "leaderboard.png"
-        target.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, target)
+        target = Path(__file__).resolve().parents[1] / "reports" / "screenshots"
+        target.mkdir(parents=True, exist_ok=True)
+        for shot in folder.iterdir():
+            shutil.copyfile(shot, target / shot.name)
+
+
+def test_main_table_bold_is_the_column_maximum_and_no_method_row_repeats(browser_page):
+    page, _ = browser_page
+    blocks = page.evaluate("""Array.from(document.querySelectorAll('#main-table tbody')).map(body =>
+        Array.from(body.querySelectorAll('tr.method-row')).map(row => ({
+            label: row.querySelector('th').textContent,
+            values: Array.from(row.querySelectorAll('td')).map(td => parseFloat(td.dataset.sort)),
+            bold: Array.from(row.querySelectorAll('td')).map(td => td.querySelector('strong') !== null
+                && getComputedStyle(td.querySelector('strong')).fontWeight >= 700),
+            underlined: Array.from(row.querySelectorAll('td')).map(td => td.querySelector('u') !== null)})))""")
+    assert len(blocks) == 3
+    for rows in blocks:
+        labels = [row["label"] for row in rows]
+        methods = [label.split(" (")[0] for label in labels]
+        assert len(set(methods)) == len(methods) == 3  # each computation once: no duplicated rows
+        assert len({tuple(row["values"]) for row in rows}) == len(rows)
+        for column in range(len(rows[0]["values"])):
+            values = [row["values"][column] for row in rows]
+            bold = [row["values"][column] for row in rows if row["bold"][column]]
+            assert bold == [max(values)]
+            assert [row["values"][column] for row in rows if row["underlined"][column]] == [sorted(values)[-2]]
 
 
 def test_no_console_errors_no_network_no_dialogs(browser_page):
@@ -87,7 +120,9 @@ def test_every_plot_has_a_drawn_svg(browser_page):
 
 def test_tables_are_present_and_sort_with_missing_last(browser_page):
     page, _ = browser_page
-    assert page.locator("#headline-table tbody tr:not(.group)").count() == len(METHODS) * 6
+    assert not page.locator("#table-per-target").is_visible()  # breakdowns are folded until opened
+    page.locator("#details-table-per-target > summary").click()
+    assert page.locator("#table-per-target").is_visible()
     assert page.locator("#table-per-category tbody tr").count() > 0
     header = page.locator("#table-per-target thead th", has_text="Pixel AUROC")
     header.locator("button").click()
@@ -101,6 +136,8 @@ def test_tables_are_present_and_sort_with_missing_last(browser_page):
     visible = page.locator("#table-per-target tbody tr:visible")
     assert visible.count() == len(METHODS) * 3
     assert all(s == "4|1" for s in visible.evaluate_all("rs => rs.map(r => r.dataset.shot)"))
+    page.fill('input.text-filter[data-table="table-per-target"]', "XRAY")
+    assert page.locator("#table-per-target tbody tr:visible").count() == len(METHODS)
 
 
 def test_heatmap_switches_and_shows_names_literally(browser_page):

@@ -136,8 +136,12 @@ def _exclusive_run(workdir: Path) -> Iterator[None]:
 
 
 def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: list[str] | None = None,
-                 workdir: Path | None = None) -> dict:
-    """Run (or dry-run) the Snakemake workflow through its Python API."""
+                 workdir: Path | None = None, verbose: bool = False, progress_every: float = 10.0) -> dict:
+    """Run (or dry-run) the Snakemake workflow through its Python API.
+
+    Shows a progress display (see :mod:`nagl.cli.progress`) unless ``verbose``,
+    which prints Snakemake's own log instead; that log is kept in ``<results>/logs/``.
+    """
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
@@ -149,6 +153,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     from snakemake_interface_common.exceptions import WorkflowError
 
     from nagl.cleanup import clean_before_run
+    from nagl.cli.progress import failure_hint, follow
     from nagl.config import load_config
     from nagl.settings import project_dir
 
@@ -158,7 +163,9 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     snakefile = workdir / "Snakefile"
     if not snakefile.is_file():
         raise NaglError(f"{snakefile} not found; run nagl from the project folder or set NAGL_HOME")
-    with _exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api:
+    with (_exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api,
+          follow(None if dry_run else workdir / config["results"] / "logs", verbose or dry_run,
+                 progress_every) as progress):
         if not dry_run:
             clean_before_run(config, workdir)  # temporaries of interrupted runs; ours are not made yet
         workflow = api.workflow(
@@ -173,9 +180,8 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
             dag.execute_workflow(executor="dryrun" if dry_run else "local",
                                  execution_settings=ExecutionSettings(keep_going=False))
         except WorkflowError as error:
-            raise NaglError(f"the workflow stopped: {error}\nSnakemake names the failed step and its "
-                            f"log ({config['results']}/logs/...) above. Fix the cause and run `nagl run` "
-                            f"again: finished work is kept.") from None
+            raise NaglError(f"the workflow stopped: {error}\n{failure_hint(progress)}Fix the cause and run "
+                            f"`nagl run` again: finished work is kept.") from None
     return {"database": workdir / config["results"] / "benchmark.duckdb", "report": workdir / config["report"]}
 
 
@@ -189,9 +195,14 @@ def register(app: typer.Typer) -> None:
                                               help="run config (default: config/config.yaml)"),
         cores: int = typer.Option(os.cpu_count() or 1, "--cores", "-j", help="CPU cores to use"),
         dry_run: bool = typer.Option(False, "--dry-run", "-n", help="only show what would run"),
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="show Snakemake's own log instead of the progress display"),
+        progress_every: float = typer.Option(
+            10.0, "--progress-every", min=0,
+            help="seconds between progress lines when not on a terminal (CI, pipes)"),
     ) -> None:
         """Regenerate the whole matrix: datasets, features, training, evaluation, database, report."""
-        paths = run_workflow(config, cores, dry_run)
+        paths = run_workflow(config, cores, dry_run, verbose=verbose, progress_every=progress_every)
         if dry_run:
             console.print("[bold]dry run:[/] nothing was executed")
         else:

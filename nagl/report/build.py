@@ -18,7 +18,7 @@ import duckdb
 
 from nagl.errors import NaglError
 from nagl.io import atomic_write_text
-from nagl.report import figures, sections
+from nagl.report import export, figures, sections, tables
 from nagl.report.queries import ReportData, load, open_database
 from nagl.settings import project_dir, results_dir
 
@@ -29,8 +29,11 @@ def default_db_path() -> Path:
     return results_dir() / "benchmark.duckdb"
 
 
-def default_out_path() -> Path:
-    return project_dir() / "reports" / "leaderboard.html"
+FORMATS = {"html": "leaderboard.html", "latex": "main-table.tex", "csv": "main-table.csv"}
+
+
+def default_out_path(fmt: str = "html") -> Path:
+    return project_dir() / "reports" / FORMATS[fmt]
 
 
 def json_for_script(obj: Any) -> str:
@@ -89,7 +92,9 @@ def render(data: ReportData, db_label: str, generated: str) -> str:
         "heatmaps": figures.heatmap_figures(data),
     }
     parts += [
-        sections.headline(data),
+        tables.main_table(data.main),
+        tables.gains(data.main, data.gains),
+        tables.trust(data.reference_checks, data.inflation),
         sections.heatmaps(data),
         sections.shot_curves(list(shot_figures)),
         sections.breakdowns(data),
@@ -105,6 +110,24 @@ def render(data: ReportData, db_label: str, generated: str) -> str:
     return "\n".join(parts)
 
 
+def _load(db: Path) -> ReportData:
+    con = open_database(db)
+    try:
+        return load(con)
+    except duckdb.Error as error:
+        raise NaglError(f"{db} does not match the results schema ({error}); rebuild it with `nagl run`.") from error
+    finally:
+        con.close()
+
+
+def _out_path(out_path: str | Path | None, fmt: str) -> Path:
+    out = Path(out_path) if out_path is not None else default_out_path(fmt)
+    if out.is_dir():
+        raise NaglError(f"--out {out} is a directory; give the path of the file to write, "
+                        f"e.g. {out / FORMATS[fmt]}.")
+    return out
+
+
 def build_report(db_path: str | Path | None = None, out_path: str | Path | None = None,
                  generated: dt.datetime | None = None) -> Path:
     """Write the HTML leaderboard for ``db_path`` to ``out_path`` atomically; return ``out_path``.
@@ -113,18 +136,25 @@ def build_report(db_path: str | Path | None = None, out_path: str | Path | None 
     project directory. ``generated`` is the timestamp printed in the footer (now, UTC).
     """
     db = Path(db_path) if db_path is not None else default_db_path()
-    out = Path(out_path) if out_path is not None else default_out_path()
-    if out.is_dir():
-        raise NaglError(f"--out {out} is a directory; give the path of the HTML file to write, "
-                        f"e.g. {out / 'leaderboard.html'}.")
-    con = open_database(db)
-    try:
-        data = load(con)
-    except duckdb.Error as error:
-        raise NaglError(f"{db} does not match the results schema ({error}); rebuild it with `nagl run`.") from error
-    finally:
-        con.close()
+    out = _out_path(out_path, "html")
+    data = _load(db)
     _check_gallery(data, db)
     stamp = (generated or dt.datetime.now(dt.UTC)).replace(microsecond=0).isoformat()
     atomic_write_text(out, render(data, str(db), stamp))
+    return out
+
+
+def export_main_table(fmt: str, db_path: str | Path | None = None, out_path: str | Path | None = None) -> Path:
+    """Write the main table as ``fmt`` ('latex' or 'csv') atomically; return the path written.
+
+    Defaults: ``results/benchmark.duckdb`` and ``reports/main-table.tex`` / ``.csv``.
+    """
+    if fmt not in ("latex", "csv"):
+        raise NaglError(f"--format {fmt!r} is not a table format; use one of: {', '.join(FORMATS)}.")
+    db = Path(db_path) if db_path is not None else default_db_path()
+    out = _out_path(out_path, fmt)
+    data = _load(db)
+    if data.main is None or not data.main.blocks:
+        raise NaglError(f"{db} holds no evaluation runs, so there is no main table to export; run `nagl run` first.")
+    atomic_write_text(out, export.to_latex(data.main) if fmt == "latex" else export.to_csv(data.main))
     return out

@@ -8,14 +8,15 @@ curves), ``pair_summary`` (heatmaps), ``target_means`` and ``cell_metrics``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import duckdb
 
 from nagl.errors import NaglError
+from nagl.report import trust
+from nagl.report.main_table import GainRow, MainTable, load_gains, load_main_table
+from nagl.report.sql import Row, rows_of
 
 # (level, metric, label): every metric the schema stores, in display order.
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -31,9 +32,6 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (METRICS[0], METRICS[3], ME
 
 REQUIRED_RELATIONS = ("runs", "metrics", "models", "datasets", "gallery", "provenance",
                       "cell_metrics", "target_means", "pair_summary", "leaderboard")
-
-Row = dict[str, Any]
-
 
 @dataclass
 class ReportData:
@@ -56,6 +54,10 @@ class ReportData:
     provenance: list[Row] = field(default_factory=list)
     software: list[Row] = field(default_factory=list)
     datasets: list[Row] = field(default_factory=list)
+    main: MainTable | None = None
+    gains: list[GainRow] = field(default_factory=list)
+    reference_checks: list[Row] | None = None  # None: not computed (no such table)
+    inflation: list[Row] | None = None  # None: not computed (no runs.protocol)
 
 
 def open_database(db_path: Path) -> duckdb.DuckDBPyConnection:
@@ -85,46 +87,33 @@ def open_database(db_path: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _rows(con: duckdb.DuckDBPyConnection, sql: str) -> list[Row]:
-    cursor = con.execute(sql)
-    names = [column[0] for column in cursor.description]
-    return [{name: _clean(value) for name, value in zip(names, row, strict=False)} for row in cursor.fetchall()]
-
-
-def _clean(value: Any) -> Any:
-    """NaN/inf from the database become None: they are shown as missing, never as numbers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def load(con: duckdb.DuckDBPyConnection) -> ReportData:
     """Run every query the report needs."""
     (n_runs,) = con.execute("SELECT COUNT(*) FROM runs").fetchone()
     data = ReportData(n_runs=n_runs)
-    data.provenance = _rows(con, "SELECT key, value FROM provenance ORDER BY key")
-    data.datasets = _rows(con, "SELECT * FROM datasets ORDER BY name")
+    data.provenance = rows_of(con, "SELECT key, value FROM provenance ORDER BY key")
+    data.datasets = rows_of(con, "SELECT * FROM datasets ORDER BY name")
     if n_runs == 0:
         return data
-    data.methods = [(r["method"], r["backbone"]) for r in _rows(
+    data.methods = [(r["method"], r["backbone"]) for r in rows_of(
         con, "SELECT DISTINCT method, backbone FROM runs ORDER BY method, backbone")]
-    data.shots = [(r["k_normal"], r["k_abnormal"]) for r in _rows(
+    data.shots = [(r["k_normal"], r["k_abnormal"]) for r in rows_of(
         con, "SELECT DISTINCT k_normal, k_abnormal FROM runs ORDER BY k_normal, k_abnormal")]
-    data.targets = [r["target"] for r in _rows(con, "SELECT DISTINCT target FROM runs ORDER BY target")]
-    data.seeds = [r["seed"] for r in _rows(con, "SELECT DISTINCT seed FROM runs ORDER BY seed")]
+    data.targets = [r["target"] for r in rows_of(con, "SELECT DISTINCT target FROM runs ORDER BY target")]
+    data.seeds = [r["seed"] for r in rows_of(con, "SELECT DISTINCT seed FROM runs ORDER BY seed")]
     first, last = con.execute("SELECT MIN(created_at), MAX(created_at) FROM runs").fetchone()
     data.created = (str(first), str(last))
     (data.n_categories,) = con.execute(
         "SELECT COUNT(*) FROM (SELECT DISTINCT target, category FROM runs)").fetchone()
     data.leaderboard = {
         (r["method"], r["backbone"], r["k_normal"], r["k_abnormal"], r["level"], r["metric"]): r
-        for r in _rows(con, "SELECT * FROM leaderboard ORDER BY ALL")
+        for r in rows_of(con, "SELECT * FROM leaderboard ORDER BY ALL")
     }
-    data.pairs = _rows(con, """
+    data.pairs = rows_of(con, """
         SELECT method, backbone, source, target, k_normal, k_abnormal, in_domain, level, metric,
                mean, std, n_seeds, n_categories
         FROM pair_summary ORDER BY method, backbone, k_normal, k_abnormal, level, metric, source, target""")
-    data.per_target = _rows(con, """
+    data.per_target = rows_of(con, """
         WITH per_seed AS (
             SELECT method, backbone, target, k_normal, k_abnormal, seed, level, metric,
                    AVG(value) AS value, COUNT(value) AS n_sources, MAX(n_categories) AS n_categories
@@ -134,7 +123,7 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
                MAX(n_sources) AS n_sources, MAX(n_categories) AS n_categories
         FROM per_seed GROUP BY ALL
         ORDER BY method, backbone, k_normal, k_abnormal, target, level, metric""")
-    data.per_category = _rows(con, """
+    data.per_category = rows_of(con, """
         WITH per_seed AS (
             SELECT method, backbone, target, category, k_normal, k_abnormal, seed, level, metric,
                    AVG(value) AS value, COUNT(value) AS n_sources
@@ -144,7 +133,7 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
                MAX(n_sources) AS n_sources
         FROM per_seed GROUP BY ALL
         ORDER BY method, backbone, k_normal, k_abnormal, target, category, level, metric""")
-    data.efficiency = _rows(con, """
+    data.efficiency = rows_of(con, """
         WITH model_stats AS (
             SELECT method, backbone, MIN(params_total) AS params_total_min,
                    MAX(params_total) AS params_total_max, MAX(params_trainable) AS params_trainable,
@@ -161,12 +150,16 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
         ORDER BY r.method, r.backbone""")
     data.speed = {
         (r["method"], r["backbone"], r["k_normal"], r["k_abnormal"]): r["images_per_second"]
-        for r in _rows(con, """
+        for r in rows_of(con, """
             SELECT method, backbone, k_normal, k_abnormal, AVG(images_per_second) AS images_per_second
             FROM runs WHERE NOT in_domain GROUP BY ALL ORDER BY ALL""")
     }
+    data.main = load_main_table(con)
+    data.gains = load_gains(con, data.main)
+    data.reference_checks = trust.reference_checks(con)
+    data.inflation = trust.protocol_inflation(con)
     data.gallery = _gallery(con)
-    data.software = _rows(con, """
+    data.software = rows_of(con, """
         SELECT nagl_version, torch_version, python_version, COALESCE(git_commit, '') AS git_commit,
                backbone_identity, COUNT(*) AS n_runs
         FROM runs GROUP BY ALL ORDER BY ALL""")
@@ -179,7 +172,7 @@ def _gallery(con: duckdb.DuckDBPyConnection) -> list[Row]:
     Preference: a cross-domain run, then the largest shot setting, the lowest
     seed, the first source in alphabetical order.
     """
-    return _rows(con, """
+    return rows_of(con, """
         WITH ranked AS (
             SELECT r.target, r.category, g.image_path, g.label, r.method, r.backbone, r.source,
                    r.k_normal, r.k_abnormal, r.seed, r.in_domain, r.run_id,

@@ -74,18 +74,25 @@
     });
   });
 
-  /* Row filters: each select keeps the rows whose data-<attr> equals its value. */
+  /* Row filters: each select keeps the rows whose data-<attr> equals its value; the search box
+     keeps the rows whose data-text (target, category) contains its words. */
   function applyFilters(tableId) {
     var filters = Array.prototype.slice.call(
       document.querySelectorAll('select.row-filter[data-table="' + tableId + '"]'));
+    var search = document.querySelector('input.text-filter[data-table="' + tableId + '"]');
+    var words = search ? search.value.toLowerCase().split(/\s+/).filter(Boolean) : [];
     Array.prototype.forEach.call(document.getElementById(tableId).tBodies[0].rows, function (row) {
-      row.hidden = !filters.every(function (select) {
+      var text = row.getAttribute("data-text") || "";
+      row.hidden = !(filters.every(function (select) {
         return select.value === "" || row.getAttribute("data-" + select.getAttribute("data-attr")) === select.value;
-      });
+      }) && words.every(function (word) { return text.indexOf(word) !== -1; }));
     });
   }
 
   Array.prototype.forEach.call(document.querySelectorAll("select.row-filter"), function (select) {
     select.addEventListener("change", function () { applyFilters(select.getAttribute("data-table")); });
+  });
+  Array.prototype.forEach.call(document.querySelectorAll("input.text-filter"), function (input) {
+    input.addEventListener("input", function () { applyFilters(input.getAttribute("data-table")); });
   });
 })();

@@ -15,13 +15,15 @@ from typing import Any
 
 from nagl.report.figures import method_label
 from nagl.report.format import MISSING, fmt_number, fmt_params, fmt_seconds, fmt_stat, shot_label, sort_key
-from nagl.report.queries import HEADLINE_METRICS, METRICS, ReportData, Row
+from nagl.report.queries import METRICS, ReportData, Row
 
 GALLERY_ANOMALOUS = 3  # anomalous queries shown per target
 GALLERY_NORMAL = 1  # normal queries shown per target
 
 SECTIONS = (
-    ("headline", "Leaderboard"),
+    ("main", "Main table"),
+    ("gains", "What abnormal references buy"),
+    ("trust", "Trust checks"),
     ("heatmaps", "Source × target"),
     ("shots", "Shot curves"),
     ("breakdowns", "Breakdowns"),
@@ -87,56 +89,6 @@ def no_results(db_label: str) -> str:
         "<code>nagl report</code>.</p></section>")
 
 
-# --------------------------------------------------------------- headline --
-
-def headline(data: ReportData) -> str:
-    """Cross-domain mean ± std over seeds per method and shot setting, ranked by image AUROC."""
-    heads = "".join(f"<th>{esc(label)}</th>" for *_, label in HEADLINE_METRICS)
-    bodies = []
-    for k_normal, k_abnormal in data.shots:
-        entries = []
-        for method, backbone in data.methods:
-            rows = [data.leaderboard.get((method, backbone, k_normal, k_abnormal, level, metric))
-                    for level, metric, _ in HEADLINE_METRICS]
-            if all(row is None for row in rows):
-                continue
-            entries.append((method, backbone, rows))
-        if not entries:
-            continue
-        means = [rows[0]["mean"] if rows[0] else None for _, _, rows in entries]
-        ranks = [None if m is None else 1 + sum(1 for o in means if o is not None and o > m) for m in means]
-        order = sorted(range(len(entries)), key=lambda i: (ranks[i] is None, ranks[i] or 0,
-                                                           entries[i][0], entries[i][1]))
-        lines = [f'<tr class="group"><th colspan="{3 + len(HEADLINE_METRICS)}">'
-                 f"{esc(shot_label(k_normal, k_abnormal))}: {k_normal} normal and {k_abnormal} abnormal "
-                 "reference images per category</th></tr>"]
-        for i in order:
-            method, backbone, rows = entries[i]
-            cells = [_td(MISSING if ranks[i] is None else str(ranks[i]), cls="rank"),
-                     _td(esc(method), cls="method"), _td(esc(backbone))]
-            for (level, metric, _), row in zip(HEADLINE_METRICS, rows, strict=False):
-                mean, std = (row["mean"], row["std"]) if row else (None, None)
-                counts = _counts(row, (("n_targets", "targets"), ("n_categories", "categories"),
-                                       ("n_seeds", "seeds")))
-                cells.append(_td(f'<span class="stat">{esc(fmt_stat(mean, std))}</span>'
-                                 f'<span class="n">{esc(counts)}</span>',
-                                 sort=sort_key(mean), cls="num", data_metric=_metric_slug(level, metric)))
-            attrs = _attrs({"data-method": method, "data-backbone": backbone,
-                            "data-shot": _shot_value(k_normal, k_abnormal)})
-            lines.append(f"<tr{attrs}>{''.join(cells)}</tr>")
-        bodies.append(f"<tbody>{''.join(lines)}</tbody>")
-    return (
-        '<section id="headline"><h2>Leaderboard</h2>'
-        "<p>Cross-domain performance: for every target dataset, the mean over the sources a method was "
-        "not trained on (in-domain cells are excluded), then the mean over targets; shown as mean ± "
-        "standard deviation over seeds. Rank is by image AUROC within each shot setting (ties share a "
-        "rank). Under each number: how many targets, categories and seeds it rests on. "
-        f"{MISSING} marks a value that is not defined (e.g. pixel metrics without masks).</p>"
-        '<table id="headline-table" class="data">'
-        f"<thead><tr><th>Rank</th><th>Method</th><th>Backbone</th>{heads}</tr></thead>"
-        f"{''.join(bodies)}</table></section>")
-
-
 # --------------------------------------------------------------- heatmaps --
 
 def heatmaps(data: ReportData) -> str:
@@ -183,13 +135,15 @@ def _filters(table_id: str, data: ReportData) -> str:
                       for m, b in data.methods)
     shots = "".join(f'<option value="{_shot_value(*s)}">{esc(shot_label(*s))}</option>' for s in data.shots)
     return (f'<div class="controls">'
+            f'<label>Search <input type="search" class="text-filter" data-table="{table_id}" '
+            f'placeholder="target or category"></label>'
             f'<label>Method <select class="row-filter" data-table="{table_id}" data-attr="method-key">'
             f'<option value="">all</option>{methods}</select></label>'
             f'<label>Shot setting <select class="row-filter" data-table="{table_id}" data-attr="shot">'
             f'<option value="">all</option>{shots}</select></label></div>')
 
 
-def _breakdown_table(table_id: str, data: ReportData, rows: list[Row], keys: tuple[str, ...],
+def _breakdown_table(table_id: str, title: str, data: ReportData, rows: list[Row], keys: tuple[str, ...],
                      key_heads: tuple[str, ...], count_cols: tuple[tuple[str, str], ...]) -> str:
     grouped: dict[tuple, dict[tuple[str, str], Row]] = defaultdict(dict)
     for row in rows:
@@ -213,24 +167,27 @@ def _breakdown_table(table_id: str, data: ReportData, rows: list[Row], keys: tup
                            data_metric=_metric_slug(level, metric)))
         out += [_td(str(reference[col]), sort=sort_key(reference[col]), cls="num") for col, _ in count_cols]
         attrs = _attrs({"data-method-key": f"{method}|{backbone}", "data-shot": _shot_value(k_normal, k_abnormal),
-                        **{f"data-{k}": v for k, v in zip(keys, names, strict=False)}})
+                        **{f"data-{k}": v for k, v in zip(keys, names, strict=False)},
+                        "data-text": " ".join(names).lower()})
         lines.append(f"<tr{attrs}>{''.join(out)}</tr>")
-    return (f'{_filters(table_id, data)}<div class="scroll tall"><table id="{table_id}" class="data sortable">'
-            f"<thead><tr>{heads}</tr></thead><tbody>{''.join(lines)}</tbody></table></div>")
+    return (f'<details id="details-{table_id}"><summary>{esc(title)} ({len(lines)} rows)</summary>'
+            f'{_filters(table_id, data)}<div class="scroll tall"><table id="{table_id}" class="data sortable">'
+            f"<thead><tr>{heads}</tr></thead><tbody>{''.join(lines)}</tbody></table></div></details>")
 
 
 def breakdowns(data: ReportData) -> str:
-    per_target = _breakdown_table("table-per-target", data, data.per_target, ("target",), ("Target",),
+    per_target = _breakdown_table("table-per-target", "Per target dataset", data, data.per_target, ("target",), ("Target",),
                                   (("n_sources", "Sources"), ("n_categories", "Categories"),
                                    ("n_seeds", "Seeds")))
-    per_category = _breakdown_table("table-per-category", data, data.per_category, ("target", "category"),
+    per_category = _breakdown_table("table-per-category", "Per category", data, data.per_category, ("target", "category"),
                                     ("Target", "Category"), (("n_sources", "Sources"), ("n_seeds", "Seeds")))
     return (
         '<section id="breakdowns"><h2>Breakdowns</h2>'
         "<p>Cross-domain values (in-domain cells excluded) per target dataset and per category: mean over "
-        "the cross-domain sources per seed, then mean ± std over seeds. Click a column heading to sort; "
-        f"{MISSING} (not defined) always sorts last.</p>"
-        f"<h3>Per target dataset</h3>{per_target}<h3>Per category</h3>{per_category}</section>")
+        "the cross-domain sources per seed, then mean ± std over seeds, every method and shot setting as "
+        "run (no rows merged). Open a table to see it; filter by text, method or shot setting; click a "
+        f"column heading to sort; {MISSING} (not defined) always sorts last.</p>"
+        f"{per_target}{per_category}</section>")
 
 
 # ------------------------------------------------------------- efficiency --
@@ -293,7 +250,7 @@ def gallery(data: ReportData) -> str:
             first = rows[0]
             kind = "anomalous" if first["label"] == 1 else "normal"
             mask = (_img(first["mask_png"], f"ground-truth mask of {path}") if first["mask_png"] is not None
-                    else '<span class="missing">no mask</span>')
+                    else '<span class="missing">image-level labels only</span>')
             cells = [f'<td><figure>{_img(first["image_png"], path)}<figcaption>{esc(path)}<br>'
                      f"{kind}</figcaption></figure></td>", f"<td>{mask}</td>"]
             maps = {(r["method"], r["backbone"]): r for r in rows}
@@ -315,9 +272,10 @@ def gallery(data: ReportData) -> str:
     body = "".join(blocks) if blocks else "<p>The database holds no gallery images.</p>"
     return (
         '<section id="gallery"><h2>Gallery</h2>'
-        "<p>A few queries per target dataset with their ground-truth mask and each method's anomaly map "
-        "(brighter = more anomalous). Each map comes from one run, preferring a cross-domain source, "
-        "the largest shot setting and the lowest seed; its caption names the run.</p>"
+        "<p>For each target dataset the same queries for every method, side by side: the query, its "
+        "ground-truth mask (\u201cimage-level labels only\u201d for datasets without masks) and each method's "
+        "anomaly map (brighter = more anomalous). Each map comes from one run, preferring a cross-domain "
+        "source, the largest shot setting and the lowest seed; its caption names the run.</p>"
         f"{body}</section>")
 
 
