@@ -4,8 +4,9 @@ Run: .venv/bin/python benchmarks/metrics.py [--repeats 5]
 
 (1) `pixel_metrics` on 35 queries at 128 and 256 px, float32 maps (what methods
 produce) and float64 (the general sorting path). (2) One cell as the evaluation
-job runs it: knn-normal scoring of 35 queries (a 32x32 grid of 152-wide features,
-k_normal = 4) in batches of 8, image scores, 256 px anomaly maps, pixel metrics.
+job runs it: scoring of 35 queries (a 32x32 grid of 152-wide features, k_normal = 4)
+in batches of 8 by knn-normal, and by nagl (an untrained head, one abnormal
+reference with a mask), image scores, 256 px anomaly maps, pixel metrics.
 Prints the best time of the repeats and the fewest minor page faults
 (resource.getrusage ru_minflt) of one repetition, after one warm-up.
 """
@@ -57,12 +58,19 @@ def one_cell(repeats: int) -> None:
     query = torch.randn(N_MAPS, GRID[0] * GRID[1], DIM, generator=generator)
     normal = torch.randn(K_NORMAL, GRID[0] * GRID[1], DIM, generator=generator)
     masks, _ = cell(RESOLUTION, np.random.default_rng(1))
-    method = create_method("knn-normal", dim=DIM)
+    abnormal = torch.randn(1, GRID[0] * GRID[1], DIM, generator=generator)
+    abnormal_mask = torch.zeros(1, RESOLUTION, RESOLUTION)
+    abnormal_mask[0, 100:140, 90:150] = 1
+    knn, nagl = create_method("knn-normal", dim=DIM), create_method("nagl", dim=DIM)
     state = {}
 
     def score() -> None:
-        state["S"] = torch.cat([method.score(query[b:b + QUERY_BATCH], normal, grid=GRID)
+        state["S"] = torch.cat([knn.score(query[b:b + QUERY_BATCH], normal, grid=GRID)
                                 for b in range(0, N_MAPS, QUERY_BATCH)])
+
+    def score_nagl() -> None:
+        state["S_nagl"] = torch.cat([nagl.score(query[b:b + QUERY_BATCH], normal, abnormal, abnormal_mask, GRID)
+                                     for b in range(0, N_MAPS, QUERY_BATCH)])
 
     def post() -> None:
         state["scores"] = image_scores(state["S"])
@@ -71,13 +79,15 @@ def one_cell(repeats: int) -> None:
     def metrics() -> None:
         state["pixel"] = pixel_metrics(masks, state["maps"])
 
-    print(f"one cell: knn-normal, {N_MAPS} queries, grid {GRID[0]}x{GRID[1]}, dim {DIM}, "
+    print(f"one cell: {N_MAPS} queries, grid {GRID[0]}x{GRID[1]}, dim {DIM}, "
           f"k_normal {K_NORMAL}, maps {RESOLUTION} px (best of {repeats})")
-    for name, fn in (("scoring", score), ("scores+maps", post), ("pixel metrics", metrics)):
+    for name, fn in (("knn-normal", score), ("nagl, 1 abn.", score_nagl), ("scores+maps", post),
+                     ("pixel metrics", metrics)):
         seconds, faults = measure(fn, repeats)
         print(f"  {name:<14} {seconds * 1000:8.1f} ms  {faults:8d} minor faults")
     pretty = ", ".join(f"{k}={v:.6f}" for k, v in state["pixel"].items())
-    print(f"  check: score sum {float(state['S'].double().sum()):.6f}; {pretty}")
+    print(f"  check: score sums {float(state['S'].double().sum()):.6f} (knn-normal), "
+          f"{float(state['S_nagl'].double().sum()):.6f} (nagl); {pretty}")
 
 
 def main() -> None:
