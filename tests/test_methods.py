@@ -173,3 +173,38 @@ def test_training_free_methods_save_and_load(tmp_path):
     assert not (tmp_path / "ckpt" / "weights.safetensors").exists()
     with pytest.raises(NaglError, match="does not exist"):
         load_method(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------- reused blocks --
+
+def _old_normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The scoring before the reused block: one fresh product per chunk, then concatenated."""
+    bank_n = torch.nn.functional.normalize(bank, dim=-1)
+    return torch.cat([(1.0 + (torch.nn.functional.normalize(part, dim=-1) @ bank_n.T).amax(dim=-1)) / 2.0
+                      for part in query.split(chunk)])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_scoring_in_the_reused_block_gives_the_same_numbers_as_fresh_products(chunk):
+    from nagl.methods.base import cosine_matrix, nearest_normal, normal_scores, similarity
+
+    query, bank, small_bank = features(20, 7, 64, 24), features(21, 300, 24), features(22, 5, 24)
+    with torch.no_grad():
+        # a large bank, then a small one: the second call runs in a part of the grown buffer
+        for b in (bank, small_bank, bank):
+            assert torch.equal(normal_scores(query, b, chunk), _old_normal_scores(query, b, chunk))
+        for x in (query[:chunk], query[0]):
+            best, residual = nearest_normal(x, bank)
+            cos, index = cosine_matrix(x, bank).max(dim=-1)
+            assert torch.equal(best, similarity(cos))
+            assert torch.equal(residual, x - bank[index])
+    # results never alias the reused buffer: a later call leaves them unchanged
+    with torch.no_grad():
+        first = normal_scores(query, bank, chunk)
+        kept = first.clone()
+        normal_scores(features(23, 7, 64, 24), bank, chunk)
+    assert torch.equal(first, kept)
+    # with autograd on, gradients still flow (the buffer is not used)
+    leaf = query[:2].clone().requires_grad_(True)
+    normal_scores(leaf, bank, chunk).sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
