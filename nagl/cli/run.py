@@ -42,7 +42,7 @@ def step_features(
 
     _threads(threads)
     settings = read_effective_config(config)
-    backbone = create_backbone(settings["backbone"], settings["image_size"])
+    backbone = create_backbone(settings.backbone, settings.image_size)
     manifest = read_manifest(dataset_path(dataset))
     cache = feature_cache(backbone)
     start = time.perf_counter()
@@ -64,7 +64,7 @@ def step_train(
 ) -> None:
     """Train METHOD on SOURCE with the config's training profile (source data only)."""
     from nagl.config import read_effective_config
-    from nagl.train import train_from_config
+    from nagl.training.loop import train_from_config
 
     _threads(threads)
     train_from_config(read_effective_config(config), method, source, Path(out).parent)
@@ -101,7 +101,7 @@ def step_ingest(
     from nagl.config import read_effective_config
     from nagl.ingest import ingest_run
 
-    summary = ingest_run(read_effective_config(config), jobs, out)
+    summary = ingest_run(read_effective_config(config).as_dict(), jobs, out)
     console.print(summary)
 
 
@@ -132,6 +132,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     from snakemake_interface_common.exceptions import WorkflowError
 
     from nagl.config import load_config
+    from nagl.paths import database
     from nagl.settings import project_dir
 
     workdir = (workdir or project_dir()).resolve()
@@ -154,9 +155,9 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
                                  execution_settings=ExecutionSettings(keep_going=False))
         except WorkflowError as error:
             raise NaglError(f"the workflow stopped: {error}\nSnakemake names the failed step and its "
-                            f"log ({config['results']}/logs/...) above. Fix the cause and run `nagl run` "
+                            f"log ({config.results}/logs/...) above. Fix the cause and run `nagl run` "
                             f"again: finished work is kept.") from None
-    return {"database": workdir / config["results"] / "benchmark.duckdb", "report": workdir / config["report"]}
+    return {"database": workdir / database(config.results), "report": workdir / config.report}
 
 
 def register(app: typer.Typer) -> None:

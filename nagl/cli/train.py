@@ -39,7 +39,7 @@ def train(
     """Train METHOD on the SOURCE dataset (source data only) from cached backbone features."""
     import torch
 
-    from nagl.train import train_source
+    from nagl.training.loop import train_source
 
     torch.set_num_threads(max(1, threads))
     shots = _shots(normal_shots)
