@@ -209,8 +209,9 @@ class EfficientNetLite(Backbone):
         super().__init__()
         import timm
 
+        self.name = arch.replace("efficientnet_lite", "effnet-lite")
         if image_size % 32:
-            raise NaglError(f"image_size must be a multiple of 32 for {arch}, got {image_size}")
+            raise NaglError(f"image_size must be a multiple of 32 for backbone {self.name!r}, got {image_size}")
         self.body = _seeded(seed, lambda: timm.create_model(
             arch, pretrained=False, features_only=True, out_indices=(2, 3)))
         if random_init:
@@ -223,7 +224,6 @@ class EfficientNetLite(Backbone):
             if missing:
                 raise RuntimeError(f"{arch}: weights missing for {missing[:3]}")
             self.weights_id = weights_digest(path)
-        self.name = arch.replace("efficientnet_lite", "effnet-lite")
         self.image_size = image_size
         self.grid = (image_size // 8, image_size // 8)
         self.dim = sum(self.body.feature_info.channels())
