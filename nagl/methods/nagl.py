@@ -1,6 +1,6 @@
 """NAGL: Normal-Abnormal Guided generalist anomaly detection (NeurIPS 2025).
 
-Forward pass (``/work/shared/spec/nagl-method.md``, ``docs/methods.md``):
+Forward pass (``../shared/spec/nagl-method.md``, ``docs/methods.md``):
 
 1. ``s_n(i)`` = max ``sim`` of query patch ``i`` over the normal bank;
 2. abnormal-reference masks max-pooled to the grid (pseudo-mask where unusable);
