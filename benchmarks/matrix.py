@@ -26,6 +26,9 @@ from pathlib import Path
 import duckdb
 import psutil
 
+from nagl import paths
+from nagl.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 SKELETON = ["Snakefile", "dvc.yaml", "dvc.lock", ".dvcignore", "workflow", "config"]
 
@@ -87,12 +90,12 @@ def main() -> None:
         sys.exit(f"the full run failed (exit {code}); project kept at {root}")
     rerun_seconds, _, code = run_measured(command, root, env)
 
-    config = json.loads((root / "results" / "run-config.json").read_text())
-    with duckdb.connect(str(root / config["results"] / "benchmark.duckdb"), read_only=True) as con:
+    config = load_config(root / args.config)
+    with duckdb.connect(str(root / paths.database(config.results)), read_only=True) as con:
         cells = con.execute("SELECT count(*) FROM runs").fetchone()[0]
         images = con.execute("SELECT sum(n_images) FROM datasets").fetchone()[0]
     computed = sum(json.loads(p.read_text())["computed"]
-                   for p in (root / config["results"] / "features").rglob("*.json"))
+                   for p in (root / paths.feature_stamp(config.results, config.backbone, "-")).parent.glob("*.json"))
     cached = sum(1 for _ in (root / ".cache" / "nagl" / "features").rglob("*.npy"))
 
     print(f"config:                     {args.config} ({args.cores} cores)")
