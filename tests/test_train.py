@@ -157,10 +157,21 @@ def test_same_seed_same_weights_and_checkpoint(source, tmp_path):
     assert info["checkpoint_hash"] == sha256_file(tmp_path / "a" / "weights.safetensors")
     assert info["params_trainable"] == info["params_head"] == first.method.parameter_counts()[1]
     assert info["training"]["profile"] == info["training_profile"] == "embedded" and info["train_seconds"] > 0
+    assert info["training"]["method"] == {"top_k": 20.0, "mask_size": 256, "focal_alpha": 0.25,
+                                          "focal_gamma": 2.0, "proxies": 25, "heads": 4}  # NAGL's own settings
     restored = load_method(tmp_path / "a")
     query = source["cache"].load(list(source["manifest"]["image_sha256"][:3]))
     assert torch.equal(restored.score(query[:1], query[1:2], query[2:3], None, (32, 32)),
                        first.method.score(query[:1], query[1:2], query[2:3], None, (32, 32)))
+
+
+def test_loop_trains_on_chosen_categories_and_reports_every_epoch(source):
+    seen = []
+    result = train_on_source(source["dir"], source["cache"].load, backbone_identity=source["backbone"].identity,
+                             overrides=tiny(epochs=2), categories=["gravel"], progress=False,
+                             on_epoch=lambda epoch, method: seen.append((epoch, method.head.training)))
+    assert result.metadata["training"]["train_categories"] == ["gravel"]
+    assert seen == [(0, False), (1, False), (2, False)]  # before training and after each epoch, in eval mode
 
 
 def test_training_errors(source, tmp_path):

@@ -4,7 +4,7 @@
 rule ingest:
     input:
         jobs=evaluation_jobs(),
-        manifests=expand("datasets/{dataset}/manifest.parquet", dataset=DATASETS),
+        manifests=run_manifests(),
     output:
         DB,
     resources:
