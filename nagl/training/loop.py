@@ -110,6 +110,10 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if categories is not None:
+        unknown = sorted(set(categories) - set(manifest["category"]))
+        if unknown or not categories:
+            raise NaglError(f"source dataset {dataset_dir}: categories {list(categories)} must be a non-empty "
+                            f"list of its categories ({', '.join(sorted(manifest['category'].unique()))})")
         manifest = manifest[manifest["category"].isin(list(categories))]
     manifest = manifest.reset_index(drop=True)
     source = str(manifest["dataset"].iloc[0]) if len(manifest) else dataset_dir.name
