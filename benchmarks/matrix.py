@@ -43,6 +43,9 @@ from pathlib import Path
 import duckdb
 import psutil
 
+from nagl import paths
+from nagl.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 SKELETON = ["Snakefile", "dvc.yaml", "dvc.lock", ".dvcignore", "workflow", "config"]
 
@@ -98,7 +101,7 @@ def backbone_images_per_second(config: dict, threads: int = 2, batch: int = 16) 
     from nagl.models.backbones import create_backbone
 
     torch.set_num_threads(threads)
-    backbone = create_backbone(config["backbone"], config["image_size"])
+    backbone = create_backbone(config.backbone, config.image_size)
     rng = np.random.default_rng(0)
     size = backbone.image_size
     images = torch.stack([backbone.preprocess(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
@@ -111,41 +114,40 @@ def backbone_images_per_second(config: dict, threads: int = 2, batch: int = 16) 
     return 3 * batch / (time.perf_counter() - start)
 
 
-def training_step_seconds(config: dict, scratch: Path) -> float:
+def training_step_seconds(config, scratch: Path) -> float:
     """Seconds inside the optimiser steps of every training of the run, retrained in-process.
 
-    A step is the training loss (``episode_loss``), ``loss.backward()`` and
+    A step is the episode batch and its loss (``method.loss``), ``loss.backward()`` and
     ``optimiser.step()``; episode drawing, validation and checkpointing are left out.
     """
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import nagl.train as train
-    from nagl.config import is_trainable
+    import nagl.training.loop as loop
 
     total = 0.0
     started: list[float] = []
-    loss = train.episode_loss
+    batch_type = loop.EpisodeBatch
 
-    def timed_loss(*args, **kwargs):
-        if torch.is_grad_enabled():  # validation computes the loss without gradients
+    def timed_batch(*args, **kwargs):
+        if torch.is_grad_enabled():  # validation builds its batches without gradients
             started.append(time.perf_counter())
-        return loss(*args, **kwargs)
+        return batch_type(*args, **kwargs)
 
     def step_done(optimizer, args, kwargs) -> None:
         nonlocal total
         total += time.perf_counter() - started.pop()
 
-    train.episode_loss = timed_loss
+    loop.EpisodeBatch = timed_batch
     hook = register_optimizer_step_post_hook(step_done)
     try:
         torch.set_num_threads(2)  # the train rule's threads
-        for method in (m for m in config["methods"] if is_trainable(m)):
-            for source in config["sources"]:
-                train.train_from_config(config, method, source, scratch / method / source)
+        for method in config.trainable_methods:
+            for source in config.sources:
+                loop.train_from_config(config, method, source, scratch / method / source)
     finally:
         hook.remove()
-        train.episode_loss = loss
+        loop.EpisodeBatch = batch_type
     return total
 
 
@@ -233,13 +235,13 @@ def main() -> None:
         sys.exit(f"the full run failed (exit {code}); project kept at {root}")
     rerun_seconds, _, code = run_measured(command, root, env)
 
-    config = json.loads((root / "results" / "run-config.json").read_text())
-    with duckdb.connect(str(root / config["results"] / "benchmark.duckdb"), read_only=True) as con:
+    config = load_config(root / args.config)
+    with duckdb.connect(str(root / paths.database(config.results)), read_only=True) as con:
         cells = con.execute("SELECT count(*) FROM runs").fetchone()[0]
         images = con.execute("SELECT sum(n_images) FROM datasets").fetchone()[0]
         score_seconds = con.execute("SELECT sum(n_queries / images_per_second) FROM runs").fetchone()[0]
     computed = sum(json.loads(p.read_text())["computed"]
-                   for p in (root / config["results"] / "features").rglob("*.json"))
+                   for p in (root / paths.feature_stamp(config.results, config.backbone, "-")).parent.glob("*.json"))
     cached = sum(1 for _ in (root / ".cache" / "nagl" / "features").rglob("*.npy"))
 
     os.environ.update(env)  # the in-process measurements read this project's datasets and cache

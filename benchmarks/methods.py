@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from nagl.data.images import load_rgb
+from nagl.data.layout import read_manifest
 from nagl.methods import create_method, list_methods
 from nagl.models.backbones import create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.settings import datasets_dir
-from nagl.train import read_source_manifest, train_on_source
+from nagl.training.loop import train_on_source
 
 SMALL = {"categories": ["brick", "gravel"], "counts": {"train_good": 12, "test_good": 4, "test_anomalous": 12}}
 
@@ -54,7 +55,7 @@ def main(threads: int = typer.Option(2, help="torch threads"),
     backbone_params = sum(p.numel() for p in backbone.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         dataset = source_dataset(Path(tmp), small)
-        manifest = read_source_manifest(dataset)
+        manifest = read_manifest(dataset)
         console.print(f"source {dataset} ({len(manifest)} images), backbone {backbone.identity}, "
                       f"{threads} threads")
 

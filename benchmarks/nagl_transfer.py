@@ -227,61 +227,35 @@ def heldout_auroc(method, domain: Domain, category: str, shots=(1, 4)) -> dict[f
 
 
 def train_curve(domain: Domain, categories: list[str], overrides: dict, seed: int = 0,
-                heldout: str | None = None, save: Path | None = None):
-    """The embedded profile's training loop (nagl.train's pieces) on ``categories`` of a
+                heldout: str | None = None):
+    """The embedded profile's training (``nagl.training.loop``) on ``categories`` of a
     source, keeping every epoch's weights; per epoch the in-source validation loss /
-    AUROC (as nagl.train) and, with ``heldout``, the held-out category's AUROCs."""
+    AUROC (as recorded by the loop) and, with ``heldout``, the held-out category's AUROCs."""
     import copy
-    import math
 
-    from nagl.io import stable_hash
-    from nagl.train import (
-        FeatureStore,
-        draw_episode,
-        episode_loss,
-        evaluate,
-        split_source,
-        training_config,
-        validation_episodes,
-    )
+    from nagl.training.loop import train_on_source
 
-    config = training_config("embedded", **overrides)
-    manifest = domain.manifest[domain.manifest["category"].isin(categories)].reset_index(drop=True)
-    train_pool, val_pool, _ = split_source(manifest, config, seed, domain.name)
-    val_eps = validation_episodes(train_pool, val_pool, config, seed)
-    lookup = {sha: domain.features[domain.row[p]] for sha, p in zip(manifest["image_sha256"], manifest["image_path"], strict=False)}
-    store = FeatureStore(manifest, domain.dir, lookup, (32, 32), config.mask_size)
-    model = create_method("nagl", store.dim, proxies=config.proxies, heads=config.heads, seed=seed)
-    optimiser = torch.optim.AdamW(model.head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, list(config.milestones), config.gamma)
-    rng = np.random.default_rng(int(stable_hash([seed, "train-episodes"]), 16))
-    steps = math.ceil(config.episodes / config.batch)
-    history = []
+    manifest = domain.manifest
+    lookup = {sha: domain.features[domain.row[p]]
+              for sha, p in zip(manifest["image_sha256"], manifest["image_path"], strict=False)}
+    extra: dict[int, dict] = {}
 
-    def record(epoch):
-        row = {"epoch": epoch, **{f"val_{k}": v for k, v in evaluate(model, val_eps, store, config).items()}}
+    def record(epoch, model):
+        extra[epoch] = {"state": copy.deepcopy(model.trainable_module().state_dict())}
         if heldout:
-            row["heldout"] = heldout_auroc(model, domain, heldout)
-        row["state"] = copy.deepcopy(model.head.state_dict())
-        history.append(row)
+            extra[epoch]["heldout"] = heldout_auroc(model, domain, heldout)
 
-    record(0)
-    for epoch in range(1, config.epochs + 1):
-        model.head.train()
-        for _step in range(steps):
-            batch = [draw_episode(train_pool, rng, config) for _ in range(config.batch)]
-            loss, _ = episode_loss(model, batch, store, config)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-        schedule.step()
-        model.head.eval()
-        record(epoch)
-    return model, history
+    # select 'last': the returned model is the last epoch's; every epoch's state is kept.
+    result = train_on_source(domain.dir, lookup, backbone_identity="effnet-lite0", profile="embedded",
+                             seed=seed, grid=(32, 32), overrides={**overrides, "select": "last"},
+                             categories=categories, on_epoch=record, progress=False)
+    history = [{"epoch": row["epoch"], "val_loss": row["val_loss"], "val_auroc": row["val_auroc"],
+                **extra[row["epoch"]]} for row in result.history]
+    return result.method, history
 
 
 def select(history, rule: str) -> dict:
-    if rule == "val-loss":  # what nagl.train's embedded profile does
+    if rule == "val-loss":  # what the embedded profile does
         return min(history[1:], key=lambda r: r["val_loss"])
     return history[-1]
 

@@ -17,8 +17,12 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nagl.io import is_temporary_name
+
+if TYPE_CHECKING:
+    from nagl.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ def remove_stale_temporaries(roots: Iterable[str | os.PathLike], prefixes: Itera
     return removed
 
 
-def platform_folders(config: dict, workdir: str | os.PathLike) -> list[Path]:
+def platform_folders(config: RunConfig, workdir: str | os.PathLike) -> list[Path]:
     """The project's folders whose temporaries the platform owns: datasets, downloads, cache, results, report.
 
     A folder outside the project (``NAGL_CACHE``, the weights in the home folder)
@@ -88,8 +92,8 @@ def platform_folders(config: dict, workdir: str | os.PathLike) -> list[Path]:
     from nagl.settings import cache_dir, datasets_dir, downloads_dir
 
     workdir = Path(workdir).resolve()
-    folders = [datasets_dir(), downloads_dir(), cache_dir(), workdir / config["results"],
-               (workdir / config["report"]).parent]
+    folders = [datasets_dir(), downloads_dir(), cache_dir(), workdir / config.results,
+               (workdir / config.report).parent]
     inside = []
     for folder in folders:
         folder = (workdir / folder).resolve()
@@ -98,7 +102,7 @@ def platform_folders(config: dict, workdir: str | os.PathLike) -> list[Path]:
     return inside
 
 
-def clean_before_run(config: dict, workdir: str | os.PathLike) -> list[Path]:
+def clean_before_run(config: RunConfig, workdir: str | os.PathLike) -> list[Path]:
     """At the start of `nagl run`, under its lock: every stale temporary of the project's folders."""
     return remove_stale_temporaries(platform_folders(config, workdir))
 

@@ -1,13 +1,19 @@
-"""Run configuration: loading, validation, and the hashes stored with results.
+"""Run configuration: loading, validation into a typed :class:`RunConfig`, and the
+hashes stored with results.
 
-The schema is ``workflow/schemas/config.schema.yaml``; Snakemake validates the
-same file with ``validate(config, schema)``. Errors name the file, the setting
-and what is allowed.
+The schema ``workflow/schemas/config.schema.yaml`` holds the shape and every
+default; Snakemake validates the same file. Names are then checked against the
+registries (methods, training profiles, backbones, datasets), and the backbone is
+asked whether it takes ``image_size``, so a bad run config fails when it loads
+(and so in ``nagl run --dry-run``). Errors name the file, the setting and what is
+allowed.
 """
 
 from __future__ import annotations
 
-import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +29,90 @@ DEFAULT_CONFIG = Path("config") / "config.yaml"
 TRAINING_FREE_SOURCE = "-"
 
 
+@dataclass(frozen=True)
+class Shots:
+    k_normal: tuple[int, ...]
+    k_abnormal: tuple[int, ...]
+
+    def settings(self) -> list[tuple[int, int]]:
+        """Every ``(k_normal, k_abnormal)`` cell setting, sorted; ``(0, 0)`` excluded."""
+        return [(kn, ka) for kn in sorted(self.k_normal) for ka in sorted(self.k_abnormal) if kn + ka > 0]
+
+
+@dataclass(frozen=True)
+class Training:
+    profile: str
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated run config (``config/config.yaml``), defaults filled in."""
+
+    backbone: str
+    image_size: int
+    eval_resolution: int
+    methods: tuple[str, ...]
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    shots: Shots
+    seeds: tuple[int, ...]
+    training: Training
+    results: str
+    report: str
+
+    @property
+    def trainable_methods(self) -> list[str]:
+        return [m for m in self.methods if is_trainable(m)]
+
+    @property
+    def training_free_methods(self) -> list[str]:
+        return [m for m in self.methods if not is_trainable(m)]
+
+    def datasets(self) -> list[str]:
+        """The datasets the run needs: its targets, and its sources when a method is trained."""
+        sources = set(self.sources) if self.trainable_methods else set()
+        return sorted(set(self.targets) | sources)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (what the workflow's steps read back)."""
+        return {
+            "backbone": self.backbone, "image_size": self.image_size, "eval_resolution": self.eval_resolution,
+            "methods": list(self.methods), "sources": list(self.sources), "targets": list(self.targets),
+            "shots": {"k_normal": list(self.shots.k_normal), "k_abnormal": list(self.shots.k_abnormal)},
+            "seeds": list(self.seeds), "training": self.training.as_dict(),
+            "results": self.results, "report": self.report,
+        }
+
+
 def schema() -> dict:
     return yaml.safe_load((project_dir() / SCHEMA_PATH).read_text())
 
 
-def validate_config(config: dict, origin: str = "config") -> dict:
-    """Check ``config`` against the schema and the cross-field rules; fill defaults."""
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+def _with_defaults(config: Mapping[str, Any], schema_part: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the schema's ``default`` values filled in, recursively for objects."""
+    filled = dict(config)
+    for key, spec in schema_part.get("properties", {}).items():
+        if key not in filled and "default" in spec:
+            filled[key] = spec["default"]
+        if spec.get("type") == "object" and isinstance(filled.get(key), Mapping):
+            filled[key] = _with_defaults(filled[key], spec)
+    return filled
+
+
+def _choose(origin: str, setting: str, name: str, known: list[str], where: str) -> None:
+    if name not in known:
+        raise NaglError(f"{origin}: {setting}: unknown {where} {name!r}; choose one of: {', '.join(known)}")
+
+
+def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunConfig:
+    """Check ``config`` against the schema, the registries and the cross-field rules."""
+    rules = schema()
+    validator = jsonschema.Draft202012Validator(rules)
+    errors = sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
         for error in errors:
@@ -38,29 +120,49 @@ def validate_config(config: dict, origin: str = "config") -> dict:
             lines.append(f"  - {where}: {error.message}")
         raise NaglError(f"{origin}: invalid configuration:\n" + "\n".join(lines)
                         + f"\nSee {SCHEMA_PATH} for the allowed settings.")
-    config = copy.deepcopy(config)
-    config.setdefault("results", "results")
-    config.setdefault("report", "reports/leaderboard.html")
-    config["training"].setdefault("seed", 0)
-    if 0 in config["shots"]["k_normal"] and 0 in config["shots"]["k_abnormal"]:
+    raw = _with_defaults(config, rules)
+    shots = Shots(tuple(raw["shots"]["k_normal"]), tuple(raw["shots"]["k_abnormal"]))
+    run = RunConfig(
+        backbone=raw["backbone"], image_size=int(raw["image_size"]), eval_resolution=int(raw["eval_resolution"]),
+        methods=tuple(raw["methods"]), sources=tuple(raw["sources"]), targets=tuple(raw["targets"]),
+        shots=shots, seeds=tuple(raw["seeds"]),
+        training=Training(raw["training"]["profile"], int(raw["training"]["seed"])),
+        results=str(raw["results"]), report=str(raw["report"]))
+    _check_names(run, origin)
+    if 0 in shots.k_normal and 0 in shots.k_abnormal:
         raise NaglError(f"{origin}: shots: k_normal and k_abnormal both contain 0, and a cell "
                         f"with no references at all cannot be scored; remove 0 from one list")
-    trainable = [m for m in config["methods"] if is_trainable(m)]
-    if trainable and not config["sources"]:
-        raise NaglError(f"{origin}: sources is empty but {', '.join(trainable)} must be trained "
+    if run.trainable_methods and not run.sources:
+        raise NaglError(f"{origin}: sources is empty but {', '.join(run.trainable_methods)} must be trained "
                         f"on a source dataset; name at least one source")
-    from nagl.data.registry import load_registry
+    return run
 
+
+def _check_names(run: RunConfig, origin: str) -> None:
+    """Names against the registries; the backbone must take the image size."""
+    from nagl.data.registry import load_registry
+    from nagl.methods import list_methods
+    from nagl.models.backbones import backbone_info, list_backbones
+    from nagl.training.schedule import list_profiles
+
+    for method in run.methods:
+        _choose(origin, "methods", method, list_methods(), "method")
+    _choose(origin, "training.profile", run.training.profile, list_profiles(), "training profile")
     known = load_registry()
     for key in ("sources", "targets"):
-        for name in config[key]:
+        for name in getattr(run, key):
             if name not in known:
                 raise NaglError(f"{origin}: {key}: dataset {name!r} is not in config/datasets.yaml; "
                                 f"known: {', '.join(sorted(known))}")
-    return config
+    _choose(origin, "backbone", run.backbone, list_backbones(), "backbone")
+    try:
+        backbone_info(run.backbone, run.image_size)
+    except NaglError as error:
+        raise NaglError(f"{origin}: image_size {run.image_size} does not suit backbone {run.backbone!r}: "
+                        f"{error}") from None
 
 
-def load_config(path: str | Path | None = None) -> dict:
+def load_config(path: str | Path | None = None) -> RunConfig:
     path = Path(path) if path else project_dir() / DEFAULT_CONFIG
     if not path.is_file():
         raise NaglError(f"config file {path} not found; pass --config with an existing file "
@@ -75,59 +177,54 @@ def load_config(path: str | Path | None = None) -> dict:
 
 
 def is_trainable(method: str) -> bool:
-    from nagl.methods import method_class  # local: keeps config loading light
+    from nagl.methods import is_trainable as registered_trainable
 
-    return method_class(method).trainable
-
-
-def run_datasets(config: dict) -> list[str]:
-    """The datasets a run needs: its targets, and its sources when a method is trained."""
-    trains = any(is_trainable(method) for method in config["methods"])
-    return sorted(set(config["targets"]) | (set(config["sources"]) if trains else set()))
+    return registered_trainable(method)
 
 
-def cell_settings(config: dict, method: str) -> dict[str, Any]:
+def run_datasets(config: RunConfig | Mapping[str, Any]) -> list[str]:
+    """The datasets a run needs (see :meth:`RunConfig.datasets`); a config in its JSON
+    form (as the ingest step receives it) is validated first."""
+    if not isinstance(config, RunConfig):
+        config = validate_config(config)
+    return config.datasets()
+
+
+def cell_settings(config: RunConfig, method: str) -> dict[str, Any]:
     """The settings that determine a cell's numbers (beyond its key and the data)."""
-    settings = {
+    settings: dict[str, Any] = {
         "method": method,
-        "backbone": config["backbone"],
-        "image_size": config["image_size"],
-        "eval_resolution": config["eval_resolution"],
+        "backbone": config.backbone,
+        "image_size": config.image_size,
+        "eval_resolution": config.eval_resolution,
     }
     if is_trainable(method):
-        settings["training"] = config["training"]
+        settings["training"] = config.training.as_dict()
     return settings
 
 
-def cell_settings_hash(config: dict, method: str) -> str:
+def cell_settings_hash(config: RunConfig, method: str) -> str:
     """``config_hash`` of a run row: changes exactly when a cell must be recomputed."""
     return stable_hash(cell_settings(config, method))
 
 
-def effective_config_path(config: dict) -> Path:
-    return Path(config["results"]) / "run-config.json"
-
-
-def write_effective_config(config: dict) -> str:
+def write_effective_config(config: RunConfig) -> str:
     """Write the validated config for the workflow's steps; keep the file if unchanged.
 
     Rewriting only on change keeps its modification time, so Snakemake sees no
     reason to rerun anything.
     """
-    import json
-
     from nagl.io import atomic_write_text
+    from nagl.paths import run_config
 
-    path = effective_config_path(config)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    path = run_config(config.results)
+    text = json.dumps(config.as_dict(), indent=2, sort_keys=True) + "\n"
     if not path.is_file() or path.read_text() != text:
         atomic_write_text(path, text)
     return str(path)
 
 
-def read_effective_config(path: str | Path) -> dict:
-    import json
-
+def read_effective_config(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise NaglError(f"run config {path} not found; it is written by the workflow "

@@ -19,17 +19,19 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from nagl.config import TRAINING_FREE_SOURCE, cell_settings_hash, is_trainable
+from nagl.config import TRAINING_FREE_SOURCE, RunConfig, cell_settings_hash, is_trainable
 from nagl.data.images import load_mask, load_rgb
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.errors import NaglError
+from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method
 from nagl.methods.base import anomaly_maps, image_scores, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
+from nagl.paths import cell_dir, model_dir, model_file
 from nagl.protocol import ReferenceSplit, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
 from nagl.results.cell import write_cell
@@ -52,24 +54,15 @@ class CellKey:
     seed: int
 
     def folder(self, results: Path) -> Path:
-        return (results / "cells" / self.method / self.backbone / self.source / self.target
-                / self.category / f"n{self.k_normal}a{self.k_abnormal}s{self.seed}")
+        return cell_dir(results, self.method, self.backbone, self.source, self.target, self.category,
+                        self.k_normal, self.k_abnormal, self.seed)
 
     def run_id(self, settings_hash: str) -> str:
         return stable_hash({**self.__dict__, "settings": settings_hash}, length=20)
 
 
-def model_dir(results: Path, method: str, backbone: str, source: str) -> Path:
-    return results / "models" / method / backbone / source
-
-
 def feature_cache(backbone: Backbone) -> FeatureCache:
     return FeatureCache(cache_dir() / "features", backbone)
-
-
-def shot_settings(config: dict) -> list[tuple[int, int]]:
-    return [(kn, ka) for kn in sorted(config["shots"]["k_normal"])
-            for ka in sorted(config["shots"]["k_abnormal"]) if kn + ka > 0]
 
 
 def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) -> bool:
@@ -91,16 +84,9 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-_HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], float)
-
-
 def heat_png(values: np.ndarray, low: float, high: float) -> bytes:
-    """A map rendered with a dark-to-bright colour ramp, scaled to [low, high]."""
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(_HEAT) - 1)
-    lower = np.floor(scaled).astype(int).clip(0, len(_HEAT) - 2)
-    frac = (scaled - lower)[..., None]
-    rgb = _HEAT[lower] * (1 - frac) + _HEAT[lower + 1] * frac
-    return _png(rgb.round().astype(np.uint8))
+    """A map rendered with the colour ramp, scaled to [low, high], as PNG."""
+    return _png(heat_rgb(values, low, high))
 
 
 def _gallery(queries: pd.DataFrame, root: Path, maps: np.ndarray, has_masks: bool) -> pd.DataFrame:
@@ -129,7 +115,7 @@ def _gallery(queries: pd.DataFrame, root: Path, maps: np.ndarray, has_masks: boo
 class Evaluator:
     """Scores the cells of one (method, source, target) job."""
 
-    def __init__(self, config: dict, method: str, source: str, target: str, results: Path):
+    def __init__(self, config: RunConfig, method: str, source: str, target: str, results: Path):
         self.config = config
         self.method_name = method
         self.source = source
@@ -138,9 +124,9 @@ class Evaluator:
         self.trainable = is_trainable(method)
         if self.trainable == (source == TRAINING_FREE_SOURCE):
             raise NaglError(f"method {method!r} is {'trainable' if self.trainable else 'training-free'}: "
-                            f"its source must be {'a source dataset' if self.trainable else chr(39) + '-' + chr(39)}, "
+                            f"its source must be {'a source dataset' if self.trainable else repr(TRAINING_FREE_SOURCE)}, "
                             f"not {source!r}")
-        self.backbone = create_backbone(config["backbone"], config["image_size"])
+        self.backbone = create_backbone(config.backbone, config.image_size)
         self.cache = feature_cache(self.backbone)
         self.root = dataset_path(target)
         self.manifest = read_manifest(self.root)
@@ -149,8 +135,8 @@ class Evaluator:
         self.checkpoint_hash = None
         self.train_seconds = None
         if self.trainable:
-            folder = model_dir(results, method, config["backbone"], source)
-            model_json = folder / "model.json"
+            folder = model_dir(results, method, config.backbone, source)
+            model_json = model_file(results, method, config.backbone, source)
             if not model_json.is_file():
                 raise NaglError(f"{model_json} not found: train {method} on {source} first "
                                 f"(the workflow's train rule, or `nagl train`)")
@@ -165,7 +151,7 @@ class Evaluator:
         # The method's own settings (its config, and how it was trained), apart from the
         # run-level settings in config_hash.
         self.method_config_hash = stable_hash({"method": self.method.config_hash(),
-                                               "training": config["training"] if self.trainable else None})
+                                               "training": config.training.as_dict() if self.trainable else None})
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
 
@@ -187,13 +173,13 @@ class Evaluator:
         folders = []
         categories = sorted(self.manifest["category"].unique())
         gallery_category = categories[0]
-        settings = shot_settings(self.config)
-        max_kn = max(self.config["shots"]["k_normal"])
-        max_ka = max(self.config["shots"]["k_abnormal"])
-        gallery_seed = min(self.config["seeds"])
+        settings = self.config.shots.settings()
+        max_kn = max(self.config.shots.k_normal)
+        max_ka = max(self.config.shots.k_abnormal)
+        gallery_seed = min(self.config.seeds)
         for category in categories:
-            for seed in sorted(self.config["seeds"]):
-                keys = [CellKey(self.method_name, self.config["backbone"], self.source, self.target,
+            for seed in sorted(self.config.seeds):
+                keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
                                 category, kn, ka, seed) for kn, ka in settings]
                 todo = [key for key in keys
                         if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
@@ -207,8 +193,8 @@ class Evaluator:
 
     def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
                         gallery_setting: tuple[int, int]) -> None:
-        size = self.config["image_size"]
-        resolution = self.config["eval_resolution"]
+        size = self.config.image_size
+        resolution = self.config.eval_resolution
         queries = split.queries
         query_features = self._features(queries)
         normal_features = self._features(split.normal)
@@ -252,7 +238,7 @@ class Evaluator:
             "run_id": key.run_id(self.settings_hash), **key.__dict__,
             "backbone_identity": self.backbone.identity,
             "in_domain": key.source == key.target,
-            "image_size": self.config["image_size"], "eval_resolution": self.config["eval_resolution"],
+            "image_size": self.config.image_size, "eval_resolution": self.config.eval_resolution,
             "n_queries": n_queries, "n_anomalous_queries": n_anomalous, "n_pseudo_masks": n_pseudo_masks,
             "config_hash": self.settings_hash, "method_config_hash": self.method_config_hash,
             "checkpoint_hash": self.checkpoint_hash,
@@ -266,5 +252,5 @@ class Evaluator:
         }
 
 
-def evaluate_job(config: dict, method: str, source: str, target: str) -> list[str]:
-    return Evaluator(config, method, source, target, Path(config["results"])).run()
+def evaluate_job(config: RunConfig, method: str, source: str, target: str) -> list[str]:
+    return Evaluator(config, method, source, target, Path(config.results)).run()

@@ -27,6 +27,7 @@ from PIL import Image
 
 from nagl.data.images import load_mask, load_rgb
 from nagl.errors import NaglError
+from nagl.heatmap import heat_rgb
 from nagl.io import atomic_path, atomic_write_json, atomic_write_text
 from nagl.methods import create_method, load_method, method_class
 from nagl.methods.base import anomaly_maps, image_scores, read_checkpoint_config
@@ -36,7 +37,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_BACKBONE = "effnet-lite0"
 OVERLAY_ALPHA = 0.5
 # A dark-to-bright ramp (black, purple, red, orange, pale yellow) for the heat maps.
-_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], float)
 
 
 @dataclass
@@ -126,14 +126,6 @@ def resolve_model(checkpoint: str | Path | None, method: str | None, backbone: s
         raise NaglError(f"checkpoint {checkpoint} expects features of width {info['dim']}, backbone "
                         f"{chosen.identity} gives {chosen.dim}; use the checkpoint's backbone")
     return info["method"], chosen, load_method(checkpoint)
-
-
-def heat_rgb(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """``values`` ``(H, W)`` scaled to [low, high] and coloured with the ramp, uint8 RGB."""
-    scaled = np.clip((values - low) / max(high - low, 1e-12), 0, 1) * (len(_RAMP) - 1)
-    lower = np.floor(scaled).astype(int).clip(0, len(_RAMP) - 2)
-    frac = (scaled - lower)[..., None]
-    return (_RAMP[lower] * (1 - frac) + _RAMP[lower + 1] * frac).round().astype(np.uint8)
 
 
 def overlay(image: np.ndarray, heat_map: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -34,21 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nagl.data.layout import MANIFEST_COLUMNS
 from nagl.errors import NaglError
 from nagl.io import atomic_write_json, canonical_json, read_json
 
-MANIFEST_COLUMNS = [
-    "dataset",
-    "category",
-    "split",
-    "label",
-    "defect_type",
-    "image_path",
-    "mask_path",
-    "image_sha256",
-    "width",
-    "height",
-]
 SPLIT_FORMAT = "nagl-reference-split/1"
 _ROLES = ("normal", "abnormal", "queries")
 
@@ -63,7 +52,7 @@ def split_seed(dataset: str, category: str, seed: int) -> int:
 
 def _clean_rows(frame: pd.DataFrame, sort: bool = True) -> pd.DataFrame:
     """Manifest columns only, in canonical order and types; sorted by image path unless ``sort`` is false."""
-    rows = frame.loc[:, MANIFEST_COLUMNS].copy()
+    rows = frame.loc[:, list(MANIFEST_COLUMNS)].copy()
     rows["label"] = rows["label"].astype("int64")
     rows["width"] = rows["width"].astype("int64")
     rows["height"] = rows["height"].astype("int64")
@@ -109,7 +98,7 @@ def verify_split_json(obj: Any, source: str = "split.json") -> str:
             or not isinstance(r["image_sha256"], str)
             for r in rows
         ):
-            raise NaglError(f"{source}: `{role}` must be a list of manifest rows with {MANIFEST_COLUMNS}")
+            raise NaglError(f"{source}: `{role}` must be a list of manifest rows with {list(MANIFEST_COLUMNS)}")
     roles = {role: [(r["image_path"], r["image_sha256"]) for r in obj[role]] for role in _ROLES}
     if _split_hash(obj["dataset"], obj["category"], obj["seed"], roles) != obj["hash"]:
         raise NaglError(f"{source}: the stored hash does not match its content (edited or corrupt); rerun the evaluation")
@@ -183,7 +172,7 @@ class ReferenceSplit:
         verify_split_json(obj, source)
         frames = {
             # Reference order is the nesting order: keep it as stored.
-            role: _clean_rows(pd.DataFrame(obj[role], columns=MANIFEST_COLUMNS), sort=role == "queries")
+            role: _clean_rows(pd.DataFrame(obj[role], columns=list(MANIFEST_COLUMNS)), sort=role == "queries")
             for role in _ROLES
         }
         return cls(str(obj["dataset"]), str(obj["category"]), obj["seed"], **frames)

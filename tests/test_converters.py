@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from nagl.data import layout
+from nagl.data.builders import builder_for
 from nagl.data.converters import split_normal
-from nagl.data.registry import DatasetSpec, builder_for, load_registry
+from nagl.data.registry import DatasetSpec, load_registry
 from nagl.data.validate import validate_dataset
 from nagl.errors import MissingDataError, NaglError
 

@@ -67,7 +67,7 @@ def test_adding_a_folder_dataset_is_one_registry_entry(project, tmp_path):
     # Named as a target, it joins the matrix.
     config = yaml.safe_load((root / "config" / "config.yaml").read_text())
     config["targets"].append("my-castings")
-    assert "my-castings" in validate_config(config)["targets"]
+    assert "my-castings" in validate_config(config).targets
 
 
 def test_a_dataset_that_fails_validation_is_neither_placed_nor_versioned(project, tmp_path):

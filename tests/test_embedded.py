@@ -41,9 +41,9 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_registered_for_kind_embedded():
-    from nagl.data.registry import _BUILDERS
+    from nagl.data.builders import builder_for
 
-    assert _BUILDERS["embedded"] is build
+    assert builder_for("embedded") is build
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -17,15 +17,10 @@ from nagl.io import sha256_file
 from nagl.methods import create_method, load_method
 from nagl.models.backbones import create_backbone
 from nagl.models.cache import FeatureCache
-from nagl.train import (
-    POOLED,
-    FeatureStore,
-    draw_episode,
-    evaluate,
-    split_source,
-    train_on_source,
-    training_config,
-)
+from nagl.training.batch import BatchSpec
+from nagl.training.episodes import POOLED, FeatureStore, draw_episode, split_source
+from nagl.training.loop import train_on_source, validation_score
+from nagl.training.schedule import schedule_for
 
 SOURCE = "tiny-textures"
 COUNTS = {"train_good": 6, "test_good": 3, "test_anomalous": 12}  # 3 images per defect type
@@ -53,24 +48,30 @@ def tiny(**changes):
     return settings
 
 
+def nagl_spec(normal_shots=(1, 2, 4), abnormal_shots=(1,)) -> BatchSpec:
+    """The batch spec NAGL asks for (masks at 256 px, half the queries abnormal)."""
+    return create_method("nagl", 152).batch_spec(tuple(normal_shots), tuple(abnormal_shots))
+
+
 def test_profiles():
-    paper = training_config("paper")
+    paper = schedule_for("paper")
     assert (paper.lr, paper.weight_decay, paper.epochs, paper.episodes, paper.batch) == (1e-5, 0.01, 20, 500, 8)
     assert paper.milestones == (10, 15) and paper.gamma == 0.1 and paper.select == "last"
-    embedded_profile = training_config("embedded")
+    embedded_profile = schedule_for("embedded")
     assert embedded_profile.select == "best" and embedded_profile.val_fraction > 0
-    assert training_config("embedded", normal_shots=[2]).normal_shots == (2,)
+    assert schedule_for("embedded", normal_shots=[2]).normal_shots == (2,)
     with pytest.raises(NaglError, match="unknown training profile 'fast'"):
-        training_config("fast")
+        schedule_for("fast")
     with pytest.raises(NaglError, match="unknown training setting"):
-        training_config("paper", learning_rate=1)
+        schedule_for("paper", learning_rate=1)
     with pytest.raises(NaglError, match="select='best' needs"):
-        training_config("paper", select="best")
+        schedule_for("paper", select="best")
 
 
 def test_validation_split_is_source_only_disjoint_and_seeded(source):
-    config = training_config("embedded")
-    train, val, skipped = split_source(source["manifest"], config, seed=0, dataset=SOURCE)
+    config = schedule_for("embedded")
+    spec = nagl_spec()
+    train, val, skipped = split_source(source["manifest"], spec, config.val_fraction, seed=0, dataset=SOURCE)
     assert skipped == [] and train.categories() == ["brick", "gravel"]
     for category in train.categories():
         assert not set(train.normals[category]) & set(val.normals[category])
@@ -79,7 +80,7 @@ def test_validation_split_is_source_only_disjoint_and_seeded(source):
             assert len(kept) >= 2
             assert not set(kept) & set(val.anomalies.get(category, {}).get(defect, []))
     assert sum(len(v) for v in val.normals.values()) > 0
-    again, _, _ = split_source(source["manifest"], config, seed=0, dataset=SOURCE)
+    again, _, _ = split_source(source["manifest"], spec, config.val_fraction, seed=0, dataset=SOURCE)
     assert again.normals == train.normals and again.anomalies == train.anomalies
 
 
@@ -88,21 +89,21 @@ def test_defect_types_too_small_are_pooled():
     rows += [("c", "test", 1, d, f"c/test/{d}/0.png", f"c/ground_truth/{d}/0_mask.png") for d in ("hole", "stain")]
     rows += [("c", "test", 1, "dent", "c/test/dent/0.png", None), ("d", "train", 0, "good", "d/train/good/0.png", None)]
     manifest = pd.DataFrame(rows, columns=["category", "split", "label", "defect_type", "image_path", "mask_path"])
-    train, _, skipped = split_source(manifest, training_config("smoke", normal_shots=[2]), seed=0)
+    train, _, skipped = split_source(manifest, nagl_spec(normal_shots=[2]), 0.0, seed=0)
     assert train.anomalies["c"] == {POOLED: [5, 6]}  # one masked image per type: pooled; no mask: unused
     assert skipped == ["d"]  # a category without anomalies cannot form an episode
-    episode = draw_episode(train, np.random.default_rng(0), training_config("smoke", normal_shots=[2]))
+    episode = draw_episode(train, np.random.default_rng(0), nagl_spec(normal_shots=[2]))
     assert episode.category == "c" and len(episode.normal) == 2 and episode.defect == POOLED
 
 
 def test_episodes_follow_the_rules(source):
-    config = training_config("embedded")
+    spec = nagl_spec()
     manifest = source["manifest"]
-    train, val, _ = split_source(manifest, config, seed=0, dataset=SOURCE)
+    train, val, _ = split_source(manifest, spec, schedule_for("embedded").val_fraction, seed=0, dataset=SOURCE)
     held_out = {i for c in val.normals for i in val.normals[c]}
     held_out |= {i for c in val.anomalies for d in val.anomalies[c] for i in val.anomalies[c][d]}
     rng = np.random.default_rng(0)
-    episodes = [draw_episode(train, rng, config) for _ in range(200)]
+    episodes = [draw_episode(train, rng, spec) for _ in range(200)]
     assert 70 < sum(e.label for e in episodes) < 130
     assert {len(e.normal) for e in episodes} == {1, 2, 4}
     for e in episodes:
@@ -123,13 +124,13 @@ def test_training_lowers_the_loss_on_real_features(source):
                     val_fraction=0.2, val_episodes=8)
     result = train_on_source(source["dir"], source["cache"].load, backbone_identity=source["backbone"].identity,
                              seed=0, grid=source["backbone"].grid, overrides=settings, progress=False)
-    config = result.config
-    train, _, _ = split_source(source["manifest"], config, seed=0, dataset=SOURCE)
-    store = FeatureStore(source["manifest"], source["dir"], source["cache"].load, None, config.mask_size)
-    fixed = [draw_episode(train, np.random.default_rng(123), config) for _ in range(16)]
+    schedule, spec = result.schedule, nagl_spec()
+    train, _, _ = split_source(source["manifest"], spec, schedule.val_fraction, seed=0, dataset=SOURCE)
+    store = FeatureStore(source["manifest"], source["dir"], source["cache"].load, None, spec.mask_size)
+    fixed = [draw_episode(train, np.random.default_rng(123), spec) for _ in range(16)]
     initial = create_method("nagl", store.dim, seed=0)  # the weights training started from
-    before = evaluate(initial, fixed, store, config)["loss"]
-    after = evaluate(result.method, fixed, store, config)["loss"]
+    before = validation_score(initial, fixed, store, schedule.batch)["loss"]
+    after = validation_score(result.method, fixed, store, schedule.batch)["loss"]
     print(f"fixed-episode loss {before:.4f} -> {after:.4f}; history {result.history}")
     assert after < before - 0.02
     first, best = result.history[0]["val_loss"], min(h["val_loss"] for h in result.history[1:])
@@ -156,10 +157,21 @@ def test_same_seed_same_weights_and_checkpoint(source, tmp_path):
     assert info["checkpoint_hash"] == sha256_file(tmp_path / "a" / "weights.safetensors")
     assert info["params_trainable"] == info["params_head"] == first.method.parameter_counts()[1]
     assert info["training"]["profile"] == info["training_profile"] == "embedded" and info["train_seconds"] > 0
+    assert info["training"]["method"] == {"top_k": 20.0, "mask_size": 256, "focal_alpha": 0.25,
+                                          "focal_gamma": 2.0, "proxies": 25, "heads": 4}  # NAGL's own settings
     restored = load_method(tmp_path / "a")
     query = source["cache"].load(list(source["manifest"]["image_sha256"][:3]))
     assert torch.equal(restored.score(query[:1], query[1:2], query[2:3], None, (32, 32)),
                        first.method.score(query[:1], query[1:2], query[2:3], None, (32, 32)))
+
+
+def test_loop_trains_on_chosen_categories_and_reports_every_epoch(source):
+    seen = []
+    result = train_on_source(source["dir"], source["cache"].load, backbone_identity=source["backbone"].identity,
+                             overrides=tiny(epochs=2), categories=["gravel"], progress=False,
+                             on_epoch=lambda epoch, method: seen.append((epoch, method.head.training)))
+    assert result.metadata["training"]["train_categories"] == ["gravel"]
+    assert seen == [(0, False), (1, False), (2, False)]  # before training and after each epoch, in eval mode
 
 
 def test_training_errors(source, tmp_path):

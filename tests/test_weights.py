@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from nagl.cli.main import _app
 from nagl.errors import MissingDataError, NaglError
 from nagl.io import sha256_file
-from nagl.models import weights
-from nagl.models.backbones import create_backbone, weights_digest
+from nagl.models import backbones, weights
+from nagl.models.backbones import BACKBONES, create_backbone, managed_weights, weight_spec, weights_digest
 
 torch.set_num_threads(1)
 
@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 @pytest.fixture()
 def isolated(monkeypatch, tmp_path) -> Path:
     """Empty weights dir and empty user caches (HF hub, torch hub, open_clip)."""
-    for name in list(weights.WEIGHT_SPECS) + ["tiny-clip", "tiny-dinov2"]:
+    for name in managed_weights() + ["tiny-clip", "tiny-dinov2"]:
         monkeypatch.delenv(weights.env_var(name), raising=False)
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("NAGL_WEIGHTS", str(tmp_path / "weights"))
@@ -108,12 +108,12 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
         create_backbone("tiny-clip", weights=garbage)
 
 
-@pytest.mark.parametrize("name", sorted(weights.WEIGHT_SPECS))
+@pytest.mark.parametrize("name", managed_weights())
 def test_missing_weights_name_the_file_and_the_fetch_command(isolated, name):
     with pytest.raises(MissingDataError) as error:
         create_backbone(name)
     message = str(error.value)
-    assert str(isolated / weights.WEIGHT_SPECS[name].file_name) in message
+    assert str(isolated / weight_spec(name).file_name) in message
     assert f"nagl weights fetch {name}" in message
     assert f"nagl weights import {name} FILE" in message
 
@@ -121,14 +121,14 @@ def test_missing_weights_name_the_file_and_the_fetch_command(isolated, name):
 def test_env_var_override_and_user_caches_are_used(isolated, monkeypatch, tmp_path):
     monkeypatch.setenv("NAGL_WEIGHTS_DINOV2_VITS14", str(tmp_path / "nowhere.safetensors"))
     with pytest.raises(MissingDataError, match="NAGL_WEIGHTS_DINOV2_VITS14=.*nowhere.safetensors"):
-        weights.find_weights("dinov2-vits14")
+        backbones.find_weights("dinov2-vits14")
     monkeypatch.delenv("NAGL_WEIGHTS_DINOV2_VITS14")
 
     # a checkpoint the user already has in the torch hub cache ...
     torch_hub = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
     torch_hub.parent.mkdir(parents=True)
     torch_hub.write_bytes(b"x")
-    assert weights.find_weights("dinov2-vits14") == torch_hub
+    assert backbones.find_weights("dinov2-vits14") == torch_hub
     # ... loses to one in the Hugging Face hub cache (layout of huggingface_hub) ...
     repo = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m"
     (repo / "refs").mkdir(parents=True)
@@ -136,22 +136,23 @@ def test_env_var_override_and_user_caches_are_used(isolated, monkeypatch, tmp_pa
     hub_file = repo / "snapshots" / "abc123" / "model.safetensors"
     hub_file.parent.mkdir(parents=True)
     hub_file.write_bytes(b"y")
-    assert weights.find_weights("dinov2-vits14") == hub_file
+    assert backbones.find_weights("dinov2-vits14") == hub_file
     # ... and both lose to the expected local file.
     isolated.mkdir()
     (isolated / "dinov2-vits14.safetensors").write_bytes(b"z")
-    assert weights.find_weights("dinov2-vits14") == isolated / "dinov2-vits14.safetensors"
+    assert backbones.find_weights("dinov2-vits14") == isolated / "dinov2-vits14.safetensors"
 
 
 def test_import_checks_the_checkpoint_and_writes_the_tower(isolated, monkeypatch, tmp_path):
-    monkeypatch.setitem(weights.WEIGHT_SPECS, "tiny-clip", _tiny_clip_spec())
+    monkeypatch.setitem(BACKBONES.entries, "tiny-clip",
+                        backbones.BackboneEntry(BACKBONES.get("tiny-clip").factory, _tiny_clip_spec()))
     original = create_backbone("tiny-clip", seed=9)
     full = {f"visual.{k}": v for k, v in original.visual.state_dict().items()}
     full["logit_scale"] = torch.ones(())
     checkpoint = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(full, checkpoint)
 
-    target = weights.import_weights("tiny-clip", checkpoint)
+    target = backbones.import_weights("tiny-clip", checkpoint)
 
     assert target == isolated / "tiny-clip.safetensors"
     assert set(load_file(str(target))) == set(original.visual.state_dict())  # the image tower only
@@ -164,7 +165,7 @@ def test_import_checks_the_checkpoint_and_writes_the_tower(isolated, monkeypatch
     save_file(create_backbone("tiny-dinov2").model.state_dict(), str(wrong))
     target.unlink()
     with pytest.raises(NaglError, match="does not load into backbone 'tiny-clip'"):
-        weights.import_weights("tiny-clip", wrong)
+        backbones.import_weights("tiny-clip", wrong)
     assert list(isolated.iterdir()) == []  # nothing half-written left behind
 
 
@@ -178,7 +179,7 @@ def test_fetch_offline_fails_with_what_to_do(isolated, monkeypatch, offline):
     else:
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MissingDataError) as error:
-        weights.fetch_weights("clip-vit-b-16-plus-240")
+        backbones.fetch_weights("clip-vit-b-16-plus-240")
     message = str(error.value)
     assert f"{offline} is set" in message
     assert str(isolated / "clip-vit-b-16-plus-240.safetensors") in message
@@ -196,7 +197,7 @@ def test_cli_weights_list_and_backbones(isolated):
 
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
-    assert set(rows) == set(weights.WEIGHT_SPECS)
+    assert set(rows) == set(managed_weights())
     assert "yes" in rows["dinov2-vits14"] and sha256_file(placed) in rows["dinov2-vits14"]
     assert str(isolated / "clip-vit-l-14-336.safetensors") in rows["clip-vit-l-14-336"]
     assert " no " in rows["clip-vit-l-14-336"]

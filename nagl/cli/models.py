@@ -38,10 +38,10 @@ def backbones() -> None:
 @weights_app.command("list")
 def weights_list() -> None:
     """Each backbone's expected weights file, whether it is there, and its sha256."""
-    from nagl.models.weights import WEIGHT_SPECS, weight_status
+    from nagl.models.backbones import managed_weights, weight_status
 
     table = Table("backbone", "expected file", "present", "sha256", "otherwise loads", title="weights")
-    for name in sorted(WEIGHT_SPECS):
+    for name in managed_weights():
         status = weight_status(name)
         table.add_row(name, str(status.expected), "yes" if status.present else "no", status.sha256 or "-",
                       str(status.found_elsewhere) if status.found_elsewhere else "-")
@@ -51,7 +51,7 @@ def weights_list() -> None:
 @weights_app.command("fetch")
 def weights_fetch(name: str = typer.Argument(..., help="backbone name, see `nagl weights list`")) -> None:
     """Download NAME's weights (needs network) and save them to the expected file."""
-    from nagl.models.weights import fetch_weights
+    from nagl.models.backbones import fetch_weights
 
     path = fetch_weights(name)
     console.print(f"saved {path}")
@@ -63,7 +63,7 @@ def weights_import(
     file: Path = typer.Argument(..., help="a checkpoint you have (safetensors or a PyTorch state dict)"),
 ) -> None:
     """Check that FILE loads into backbone NAME and save it to the expected file."""
-    from nagl.models.weights import import_weights
+    from nagl.models.backbones import import_weights
 
     path = import_weights(name, file)
     console.print(f"saved {path}")

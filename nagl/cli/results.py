@@ -63,10 +63,11 @@ def register(app: typer.Typer) -> None:
         output: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, csv or json"),
     ) -> None:
         """Run a read-only SQL query on the results database (tables, and views such as leaderboard)."""
+        from nagl.paths import database
         from nagl.results.query import query
         from nagl.settings import results_dir
 
-        frame = query(db if db is not None else results_dir() / "benchmark.duckdb", sql)
+        frame = query(db if db is not None else database(results_dir()), sql)
         if output is OutputFormat.csv:
             text = frame.map(lambda v: _value(v)).to_csv(index=False)
             typer.echo(text, nl=False)

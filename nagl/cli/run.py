@@ -41,7 +41,7 @@ def step_features(
 
     _threads(threads)
     settings = read_effective_config(config)
-    backbone = create_backbone(settings["backbone"], settings["image_size"])
+    backbone = create_backbone(settings.backbone, settings.image_size)
     manifest = read_manifest(dataset_path(dataset))
     cache = feature_cache(backbone)
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def step_train(
 ) -> None:
     """Train METHOD on SOURCE with the config's training profile (source data only)."""
     from nagl.config import read_effective_config
-    from nagl.train import train_from_config
+    from nagl.training.loop import train_from_config
 
     _threads(threads)
     train_from_config(read_effective_config(config), method, source, Path(out).parent)
@@ -102,7 +102,7 @@ def step_ingest(
     from nagl.io import atomic_write_json
     from nagl.results.ingest import ingest_run
 
-    summary = ingest_run(read_effective_config(config), jobs, out)
+    summary = ingest_run(read_effective_config(config).as_dict(), jobs, out)
     if stamp is not None:
         atomic_write_json(stamp, summary)
     console.print(summary)
@@ -155,6 +155,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     from nagl.cleanup import clean_before_run
     from nagl.cli.progress import failure_hint, follow
     from nagl.config import load_config
+    from nagl.paths import database, logs_dir
     from nagl.settings import project_dir
 
     workdir = (workdir or project_dir()).resolve()
@@ -164,7 +165,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
     if not snakefile.is_file():
         raise NaglError(f"{snakefile} not found; run nagl from the project folder or set NAGL_HOME")
     with (_exclusive_run(workdir), SnakemakeApi(OutputSettings(printshellcmds=False, dryrun=dry_run)) as api,
-          follow(None if dry_run else workdir / config["results"] / "logs", verbose or dry_run,
+          follow(None if dry_run else workdir / logs_dir(config.results), verbose or dry_run,
                  progress_every) as progress):
         if not dry_run:
             clean_before_run(config, workdir)  # temporaries of interrupted runs; ours are not made yet
@@ -182,7 +183,7 @@ def run_workflow(config_file: Path | None, cores: int, dry_run: bool, targets: l
         except WorkflowError as error:
             raise NaglError(f"the workflow stopped: {error}\n{failure_hint(progress)}Fix the cause and run "
                             f"`nagl run` again: finished work is kept.") from None
-    return {"database": workdir / config["results"] / "benchmark.duckdb", "report": workdir / config["report"]}
+    return {"database": workdir / database(config.results), "report": workdir / config.report}
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from nagl.errors import NaglError
+from nagl.training.schedule import list_profiles
 
 console = Console(stderr=True)
 
@@ -29,7 +30,7 @@ def train(
     source: str = typer.Option(..., help="prepared source dataset (datasets/<name>)"),
     backbone: str = typer.Option("effnet-lite0", help="backbone whose cached features are used"),
     image_size: int | None = typer.Option(None, help="backbone input size (default: the backbone's)"),
-    profile: str = typer.Option("embedded", help="training profile: embedded, paper or smoke"),
+    profile: str = typer.Option("embedded", help=f"training profile: {', '.join(list_profiles())}"),
     seed: int = typer.Option(0, help="seed of the weights and the episodes"),
     normal_shots: str | None = typer.Option(
         None, help="normal-shot counts drawn per episode, e.g. 1,2,4 (one model for all) or 1 (one per shot)"),
@@ -39,7 +40,7 @@ def train(
     """Train METHOD on the SOURCE dataset (source data only) from cached backbone features."""
     import torch
 
-    from nagl.train import train_source
+    from nagl.training.loop import train_source
 
     torch.set_num_threads(max(1, threads))
     shots = _shots(normal_shots)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nagl.registry import Registry
+
 # At least this share of a region's pixels must really change, by this much on
 # average, else the defect is redrawn.
 MIN_CHANGED_SHARE = 0.5
@@ -62,15 +64,8 @@ class Paint:
 
 
 DefectFn = Callable[[np.ndarray, np.random.Generator, Context], Paint]
-DEFECTS: dict[str, DefectFn] = {}
-
-
-def _defect(name: str):
-    def decorate(fn: DefectFn) -> DefectFn:
-        DEFECTS[name] = fn
-        return fn
-
-    return decorate
+DEFECTS: Registry[DefectFn] = Registry("defect")
+register_defect = DEFECTS.register
 
 
 def apply_defect(name: str, clean: np.ndarray, rng: np.random.Generator,
@@ -79,12 +74,11 @@ def apply_defect(name: str, clean: np.ndarray, rng: np.random.Generator,
 
     ``image`` equals ``clean`` at every pixel where ``mask`` is False.
     """
-    if name not in DEFECTS:
-        raise KeyError(f"unknown defect {name!r}; known: {', '.join(sorted(DEFECTS))}")
+    paint_defect = DEFECTS.get(name)
     context = context or Context()
     base = clean.astype(np.float64)
     for _ in range(MAX_TRIES):
-        paint = DEFECTS[name](base, rng, context)
+        paint = paint_defect(base, rng, context)
         if paint.region.sum() < MIN_REGION_PIXELS:
             continue
         alpha = np.where(paint.region, paint.alpha, 0.0)[..., None]
@@ -192,7 +186,7 @@ def _size(rng: np.random.Generator, low: float, high: float, context: Context) -
 # ---------------------------------------------------------------- defects
 
 
-@_defect("scratch")
+@register_defect("scratch")
 def scratch(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A thin curved line, darker or lighter than the surface."""
     shape = clean.shape[:2]
@@ -206,7 +200,7 @@ def scratch(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     return Paint(region, feathered(region, 1.5) * strength, content)
 
 
-@_defect("hole")
+@register_defect("hole")
 def hole(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """Missing material: a dark cavity with a lit rim on one side."""
     shape = clean.shape[:2]
@@ -223,7 +217,7 @@ def hole(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint
     return Paint(region, feathered(region, 2.0) * strength, content)
 
 
-@_defect("stain")
+@register_defect("stain")
 def stain(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A soft-edged discolouration (liquid, dirt, uneven staining)."""
     shape = clean.shape[:2]
@@ -238,7 +232,7 @@ def stain(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pain
     return Paint(region, alpha * strength, content)
 
 
-@_defect("foreign")
+@register_defect("foreign")
 def foreign(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A patch of another material pasted in, brightness matched to its surroundings."""
     if context.foreign is None:
@@ -255,13 +249,13 @@ def foreign(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     return Paint(region, feathered(region, 2.5) * strength, other)
 
 
-@_defect("dark_lesion")
+@register_defect("dark_lesion")
 def dark_lesion(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A dark, mottled spot (haemorrhage, necrosis, debris)."""
     return _lesion(clean, rng, context, dark=True)
 
 
-@_defect("bright_lesion")
+@register_defect("bright_lesion")
 def bright_lesion(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A bright, yellowish, mottled spot (exudate, deposit, inclusion)."""
     return _lesion(clean, rng, context, dark=False)
@@ -283,7 +277,7 @@ def _lesion(clean: np.ndarray, rng: np.random.Generator, context: Context, dark:
     return Paint(region, feathered(region, max(radius * 0.35, 1.0)) * mottle * strength, content)
 
 
-@_defect("colour")
+@register_defect("colour")
 def colour(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A sharp-edged patch of wrong colour (paint, print or dye fault)."""
     shape = clean.shape[:2]
@@ -299,7 +293,7 @@ def colour(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pai
     return Paint(region, feathered(region, 1.5) * strength, content)
 
 
-@_defect("missing")
+@register_defect("missing")
 def missing(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A chipped-off piece: the detail is gone and the area is smeared flat."""
     shape = clean.shape[:2]
@@ -314,7 +308,7 @@ def missing(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Pa
     return Paint(region, feathered(region, 2.0) * strength, content)
 
 
-@_defect("deformation")
+@register_defect("deformation")
 def deformation(clean: np.ndarray, rng: np.random.Generator, context: Context) -> Paint:
     """A local swirl or bulge of the surface. The mask is where pixels moved >= 0.5 px."""
     shape = clean.shape[:2]

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nagl.data import dvc, origins
+from nagl.data.builders import builder_for
 from nagl.data.layout import MANIFEST_NAME, normalise_images, read_manifest, write_manifest
-from nagl.data.registry import DatasetSpec, builder_for, get_spec
+from nagl.data.registry import DatasetSpec, get_spec
 from nagl.data.validate import raise_if_invalid, validate_dataset
 from nagl.io import atomic_directory, sha256_file
 from nagl.settings import datasets_dir

@@ -4,7 +4,9 @@ An entry is ``name: {kind: ..., domain: ..., <flags>, <kind options>}``. The fla
 describe the dataset for listings and the results: ``masks`` (true: pixel masks,
 false: image-level labels only; pixel metrics are then NULL), ``anomaly``
 (``defect`` or ``semantic``: another class is the anomaly) and ``licence``. ``kind`` picks a
-builder registered with :func:`register_builder`; a builder writes the dataset in
+builder registered with :func:`register_builder` (in a module of
+:mod:`nagl.data.builders`, which imports them all and looks builders up with
+``builder_for``; this module imports no builder). A builder writes the dataset in
 the canonical (MVTec AD) layout into a staging folder. Everything after that
 (image normalisation, validation, manifest, DVC versioning) is the same for every
 dataset and lives in ``nagl.data.prepare``.
@@ -21,6 +23,7 @@ from typing import Any
 import yaml
 
 from nagl.errors import NaglError
+from nagl.registry import Registry
 from nagl.settings import project_dir
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -29,7 +32,7 @@ ANOMALY_KINDS = ("defect", "semantic")
 FLAG_KEYS = ("kind", "domain", "description", "masks", "anomaly", "licence")
 
 Builder = Callable[["DatasetSpec", Path], None]
-_BUILDERS: dict[str, Builder] = {}
+BUILDERS: Registry[Builder] = Registry("dataset kind")
 
 
 @dataclass(frozen=True)
@@ -44,33 +47,9 @@ class DatasetSpec:
     licence: str | None = None
 
 
-def register_builder(kind: str):
-    """Register ``build(spec, out_dir)`` for datasets of ``kind``."""
-
-    def decorate(builder: Builder) -> Builder:
-        if kind in _BUILDERS:
-            raise ValueError(f"builder for kind {kind!r} registered twice")
-        _BUILDERS[kind] = builder
-        return builder
-
-    return decorate
-
-
-def builder_for(kind: str) -> Builder:
-    _import_builders()
-    if kind not in _BUILDERS:
-        raise NaglError(f"unknown dataset kind {kind!r}; known kinds: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[kind]
-
-
-def known_kinds() -> list[str]:
-    _import_builders()
-    return sorted(_BUILDERS)
-
-
-def _import_builders() -> None:
-    # Importing the modules registers their builders.
-    import nagl.data.builders  # noqa: F401
+def register_builder(kind: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``build(spec, out_dir)`` for datasets of ``kind``."""
+    return BUILDERS.register(kind)
 
 
 def registry_path() -> Path:

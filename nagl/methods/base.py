@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from nagl.errors import NaglError
 from nagl.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, stable_hash
+from nagl.training.batch import BatchSpec, EpisodeBatch
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "model.json"
@@ -354,9 +355,33 @@ class Method(ABC):
                                                  "checkpoint_hash": checkpoint_hash})
         return folder
 
-    @classmethod
-    def load(cls, path: str | Path) -> Method:
-        return load_method(path)
+
+class TrainableMethod(Method):
+    """A method with weights learnt on a source dataset by :mod:`nagl.training`.
+
+    The generic loop draws episodes as :meth:`batch_spec` asks, optimises the
+    parameters of :meth:`trainable_module` with AdamW on :meth:`loss`, and selects
+    the checkpoint. Everything specific to the method (its losses and their
+    hyper-parameters, :meth:`training_settings`) stays in the method's module.
+    """
+
+    trainable = True
+
+    @abstractmethod
+    def batch_spec(self, normal_shots: tuple[int, ...], abnormal_shots: tuple[int, ...]) -> BatchSpec:
+        """What an episode holds, for models serving these shot counts."""
+
+    @abstractmethod
+    def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, image_scores (B,))`` of a batch of episodes; the scores feed the validation AUROC."""
+
+    @abstractmethod
+    def trainable_module(self) -> torch.nn.Module:
+        """The module whose parameters are trained and whose state is the checkpoint."""
+
+    def training_settings(self) -> dict[str, Any]:
+        """The method's training hyper-parameters, recorded with the checkpoint."""
+        return {}
 
 
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
@@ -381,24 +406,3 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(info, dict) or "method" not in info or "dim" not in info:
         raise NaglError(f"checkpoint config {config} lacks 'method' and 'dim'; it was not written by nagl")
     return info
-
-
-def load_method(path: str | Path) -> Method:
-    """A method restored from a checkpoint folder (or its ``weights.safetensors`` / ``model.json``)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from nagl.methods import create_method
-
-    weights, _ = checkpoint_files(path)
-    info = read_checkpoint_config(path)
-    method = create_method(info["method"], info["dim"], **info.get("config", {}))
-    if weights.is_file():
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError) as error:
-            raise NaglError(f"checkpoint weights {weights} are unreadable: {error}; retrain or restore them") from error
-        method.load_state_dict(state)
-    elif method.trainable:
-        raise NaglError(f"checkpoint {weights} is missing; {info['method']} needs its trained weights")
-    return method

@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 
 from nagl.methods.base import MaskInput, Method, References, infer_grid, normal_scores, prepare_references
+from nagl.methods.registry import register_method
 
 
+@register_method
 class KnnNormal(Method):
     name = "knn-normal"
     trainable = False
@@ -39,6 +41,7 @@ class KnnNormal(Method):
         return 1.0 - s_n
 
 
+@register_method
 class KnnNaive(KnnNormal):
     name = "knn-naive"
 

@@ -1,6 +1,6 @@
 """NAGL: Normal-Abnormal Guided generalist anomaly detection (NeurIPS 2025).
 
-Forward pass (``/work/shared/spec/nagl-method.md``, ``docs/methods.md``):
+Forward pass (``../shared/spec/nagl-method.md``, ``docs/methods.md``):
 
 1. ``s_n(i)`` = max ``sim`` of query patch ``i`` over the normal bank;
 2. abnormal-reference masks max-pooled to the grid (pseudo-mask where unusable);
@@ -12,6 +12,13 @@ Forward pass (``/work/shared/spec/nagl-method.md``, ``docs/methods.md``):
 6. ``s_a(i)`` = mean over proxies of ``sim(F_q(i), Q_a(m))``;
 7. ``S = (s_a + 1 - s_n) / 2``; with no abnormal reference ``S = 1 - s_n``.
 
+Training (the loop is :mod:`nagl.training`; the loss is here): episodes with
+masked abnormal references and a query that is abnormal with probability 1/2.
+Losses, each with weight 1: cross-entropy of ``[1 - t, t]`` against the label,
+``t`` = mean of the top-k patch scores (k = 20 at 32x32, scaled with the grid);
+focal loss (alpha 0.25, gamma 2) and dice loss of the two-channel map
+``[s_n, s_a]``, upsampled to the mask size, against ``[1 - mask, mask]``.
+
 Every attention layer is multi-head attention without dropout, a residual
 connection and a LayerNorm after it; no feed-forward block. The head count is the
 largest number <= ``heads`` (4) that divides the feature width C.
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +38,19 @@ from torch import nn
 from nagl.errors import NaglError
 from nagl.methods.base import (
     MaskInput,
-    Method,
     References,
+    TrainableMethod,
     infer_grid,
     nearest_normal,
     normal_scores,
+    pool_masks,
     prepare_references,
     similarity,
+    top_k_count,
+    top_k_mean,
 )
+from nagl.methods.registry import register_method
+from nagl.training.batch import BatchSpec, EpisodeBatch
 
 
 def head_count(dim: int, max_heads: int = 4) -> int:
@@ -143,7 +157,34 @@ def abnormal_guided(query: torch.Tensor, anomaly: torch.Tensor) -> torch.Tensor:
     return similarity(cos).mean(dim=-1)
 
 
-class NaglMethod(Method):
+@dataclass(frozen=True)
+class NaglLoss:
+    """NAGL's training hyper-parameters (recorded with every checkpoint)."""
+
+    top_k: float = 20.0  # patches at a 32x32 grid; scaled with the grid
+    mask_size: int = 256
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
+               gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss on probability maps (NAGL's maps are already in [0, 1])."""
+    prob = prob.clamp(1e-6, 1 - 1e-6)
+    p_t = torch.where(target > 0.5, prob, 1 - prob)
+    alpha_t = torch.where(target > 0.5, torch.full_like(prob, alpha), torch.full_like(prob, 1 - alpha))
+    return (-alpha_t * (1 - p_t) ** gamma * p_t.log()).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """``1 - dice`` per sample and channel, averaged; ``prob``, ``target`` ``(B, K, H, W)``."""
+    inter = (prob * target).sum(dim=(2, 3))
+    total = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
+    return (1 - (2 * inter + eps) / (total + eps)).mean()
+
+
+@register_method
+class NaglMethod(TrainableMethod):
     """NAGL behind the :class:`~nagl.methods.base.Method` interface.
 
     ``seed`` only sets the initial weights (training overwrites them, a checkpoint
@@ -151,7 +192,7 @@ class NaglMethod(Method):
     """
 
     name = "nagl"
-    trainable = True
+    loss_settings = NaglLoss()
 
     def __init__(self, dim: int, proxies: int = 25, heads: int = 4, seed: int = 0):
         super().__init__(dim, proxies=int(proxies), heads=int(heads))
@@ -174,6 +215,38 @@ class NaglMethod(Method):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.head.state_dict()
+
+    # -- training (the contract of TrainableMethod) -----------------------------------
+    def batch_spec(self, normal_shots: tuple[int, ...], abnormal_shots: tuple[int, ...]) -> BatchSpec:
+        return BatchSpec(normal_shots, abnormal_shots, mask_size=self.loss_settings.mask_size,
+                         abnormal_query_rate=0.5)
+
+    def trainable_module(self) -> nn.Module:
+        return self.head
+
+    def training_settings(self) -> dict[str, Any]:
+        return {**asdict(self.loss_settings), **self.config}
+
+    def loss(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image cross-entropy + focal + dice of a batch, and the image scores ``t`` ``(B,)``."""
+        settings = self.loss_settings
+        grid = batch.grid
+        query = batch.queries()
+        references = [prepare_references(batch.normal(i), batch.abnormal(i), None, grid,
+                                          patch_masks=pool_masks(batch.abnormal_masks(i), grid))
+                      for i in range(len(batch))]
+        s_n, s_a = self.episode_maps(query, references, grid)
+        S = (s_a + 1 - s_n) / 2
+        t = top_k_mean(S, top_k_count(S.shape[1], settings.top_k)).clamp(1e-6, 1 - 1e-6)
+        image = F.binary_cross_entropy(t, batch.labels())
+        h, w = grid
+        maps = torch.stack([s_n, s_a], dim=1).reshape(len(batch), 2, h, w)
+        maps = F.interpolate(maps, size=(settings.mask_size, settings.mask_size), mode="bilinear",
+                             align_corners=False).clamp(0, 1)
+        mask = batch.query_masks().float()[:, None]
+        target = torch.cat([1 - mask, mask], dim=1)
+        pixel = focal_loss(maps, target, settings.focal_alpha, settings.focal_gamma) + dice_loss(maps, target)
+        return image + pixel, t.detach()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.head.state_dict()

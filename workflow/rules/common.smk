@@ -1,24 +1,26 @@
-# Shared definitions: the validated config, the matrix, output paths.
+# Shared definitions: the validated config, the matrix, and every path (through
+# nagl.paths, as the Python steps build them; rules never spell a path out).
 import sys
 
 from snakemake.utils import validate
 
-from nagl.config import is_trainable, run_datasets, validate_config, write_effective_config
+from nagl import paths
+from nagl.config import validate_config, write_effective_config
 
 validate(config, schema="../schemas/config.schema.yaml")
-config = validate_config(dict(config), origin="snakemake config")
+RUN = validate_config(dict(config), origin="snakemake config")
 
 PY = sys.executable
-RESULTS = config["results"]
-BACKBONE = config["backbone"]
-REPORT = config["report"]
-DB = f"{RESULTS}/benchmark.duckdb"
+RESULTS = RUN.results
+BACKBONE = RUN.backbone
+REPORT = RUN.report
+DB = str(paths.database(RESULTS))
 # Every step reads the same validated config; rewritten only when it changes.
-RUN_CONFIG = write_effective_config(config)
+RUN_CONFIG = write_effective_config(RUN)
 
-TRAINABLE = [m for m in config["methods"] if is_trainable(m)]
-TRAINING_FREE = [m for m in config["methods"] if not is_trainable(m)]
-DATASETS = run_datasets(config)
+TRAINABLE = RUN.trainable_methods
+TRAINING_FREE = RUN.training_free_methods
+DATASETS = RUN.datasets()
 
 wildcard_constraints:
     dataset="[a-z0-9][a-z0-9_-]*",
@@ -27,13 +29,53 @@ wildcard_constraints:
     source="[a-z0-9][a-z0-9_-]*|-",
 
 
+# Path patterns of the rules' outputs (wildcards in braces).
+def manifest_pattern(dataset="{dataset}"):
+    return str(paths.dataset_manifest(dataset))
+
+
+def feature_stamp_pattern(dataset="{dataset}"):
+    return str(paths.feature_stamp(RESULTS, BACKBONE, dataset))
+
+
+def model_pattern(method="{method}", source="{source}"):
+    return str(paths.model_file(RESULTS, method, BACKBONE, source))
+
+
+def job_pattern(method="{method}", source="{source}", target="{target}"):
+    return str(paths.job_file(RESULTS, method, BACKBONE, source, target))
+
+
+def log_pattern(step, name):
+    return str(paths.log_file(RESULTS, step, name))
+
+
+def benchmark_pattern(rule, name):
+    return str(paths.benchmark_file(RESULTS, rule, name))
+
+
+# Input functions.
+def evaluate_inputs(wildcards):
+    inputs = {
+        "manifest": manifest_pattern(wildcards.target),
+        "features": feature_stamp_pattern(wildcards.target),
+    }
+    if wildcards.source != "-":
+        inputs["model"] = model_pattern(wildcards.method, wildcards.source)
+    return inputs
+
+
 def evaluation_jobs():
     """One evaluation job per (method, source, target); '-' is the training-free source."""
     jobs = []
-    for target in config["targets"]:
+    for target in RUN.targets:
         for method in TRAINABLE:
-            for source in config["sources"]:
-                jobs.append(f"{RESULTS}/jobs/{method}/{BACKBONE}/{source}/{target}.json")
+            for source in RUN.sources:
+                jobs.append(job_pattern(method, source, target))
         for method in TRAINING_FREE:
-            jobs.append(f"{RESULTS}/jobs/{method}/{BACKBONE}/-/{target}.json")
+            jobs.append(job_pattern(method, "-", target))
     return jobs
+
+
+def run_manifests():
+    return [manifest_pattern(dataset) for dataset in DATASETS]

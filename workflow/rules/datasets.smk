@@ -5,12 +5,12 @@
 
 rule prepare_dataset:
     output:
-        "datasets/{dataset}/manifest.parquet",
+        manifest_pattern(),
     resources:
         dvc=1,  # DVC commands never run at the same time
     log:
-        f"{RESULTS}/logs/prepare/{{dataset}}.log",
+        log_pattern("prepare", "{dataset}"),
     benchmark:
-        f"{RESULTS}/benchmarks/prepare_dataset/{{dataset}}.tsv"
+        benchmark_pattern("prepare_dataset", "{dataset}"),
     shell:
         "{PY} -m nagl datasets prepare {wildcards.dataset} > {log} 2>&1"

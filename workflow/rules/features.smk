@@ -5,16 +5,16 @@
 
 rule extract_features:
     input:
-        "datasets/{dataset}/manifest.parquet",
+        manifest_pattern(),
     output:
-        f"{RESULTS}/features/{BACKBONE}/{{dataset}}.json",
+        feature_stamp_pattern(),
     params:
-        image_size=config["image_size"],
+        image_size=RUN.image_size,
     threads: 2
     log:
-        f"{RESULTS}/logs/features/{{dataset}}.log",
+        log_pattern("features", "{dataset}"),
     benchmark:
-        f"{RESULTS}/benchmarks/extract_features/{{dataset}}.tsv"
+        benchmark_pattern("extract_features", "{dataset}"),
     shell:
         "{PY} -m nagl step features {wildcards.dataset} --config {RUN_CONFIG} "
         "--threads {threads} --out {output} > {log} 2>&1"

@@ -15,15 +15,15 @@ for _product in (DB, REPORT):
 rule ingest:
     input:
         jobs=evaluation_jobs(),
-        manifests=expand("datasets/{dataset}/manifest.parquet", dataset=DATASETS),
+        manifests=run_manifests(),
     output:
         DB_STAMP,
     resources:
         dvc=1,  # reads dvc.lock for the datasets' content hashes
     log:
-        f"{RESULTS}/logs/ingest.log",
+        log_pattern("ingest", "ingest"),
     benchmark:
-        f"{RESULTS}/benchmarks/ingest.tsv"
+        benchmark_pattern("ingest", "ingest")
     shell:
         "{PY} -m nagl step ingest --config {RUN_CONFIG} --out {DB} --stamp {output} {input.jobs} > {log} 2>&1"
 
@@ -34,8 +34,8 @@ rule report:
     output:
         REPORT_STAMP,
     log:
-        f"{RESULTS}/logs/report.log",
+        log_pattern("report", "report"),
     benchmark:
-        f"{RESULTS}/benchmarks/report.tsv"
+        benchmark_pattern("report", "report")
     shell:
         "{PY} -m nagl step report --db {DB} --out {REPORT} --stamp {output} > {log} 2>&1"

@@ -4,18 +4,18 @@
 
 rule train:
     input:
-        features=f"{RESULTS}/features/{BACKBONE}/{{source}}.json",
+        features=feature_stamp_pattern("{source}"),
     output:
-        f"{RESULTS}/models/{{method}}/{BACKBONE}/{{source}}/model.json",
+        model_pattern(),
     params:
-        training=config["training"],
-        image_size=config["image_size"],
-        k_normal=config["shots"]["k_normal"],
+        training=RUN.training.as_dict(),
+        image_size=RUN.image_size,
+        k_normal=list(RUN.shots.k_normal),
     threads: 2
     log:
-        f"{RESULTS}/logs/train/{{method}}-{{source}}.log",
+        log_pattern("train", "{method}-{source}"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{method}}-{{source}}.tsv"
+        benchmark_pattern("train", "{method}-{source}"),
     shell:
         "{PY} -m nagl step train --method {wildcards.method} --source {wildcards.source} "
         "--config {RUN_CONFIG} --threads {threads} --out {output} > {log} 2>&1"

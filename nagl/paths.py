@@ -1,0 +1,73 @@
+"""Where a run's files are: the one place that spells out result paths.
+
+Both the Python steps and the workflow (``workflow/rules/common.smk``) build paths
+with these functions; the rules pass Snakemake wildcards (``"{method}"``) as the
+arguments. ``results`` is the run's results folder (the config's ``results``).
+
+    <results>/features/<backbone>/<dataset>.json            feature stamp
+    <results>/models/<method>/<backbone>/<source>/          model folder (model.json)
+    <results>/jobs/<method>/<backbone>/<source>/<target>.json  job file
+    <results>/cells/<method>/<backbone>/<source>/<target>/<category>/n<k>a<k>s<seed>/
+    <results>/benchmark.duckdb                              database
+    <results>/run-config.json                               the validated run config
+    <results>/logs/<step>/<name>.log
+    <results>/benchmarks/<rule>/<name>.tsv                  a job's benchmark record
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATABASE_FILE = "benchmark.duckdb"
+MODEL_FILE = "model.json"  # written last into a model folder: marks a complete checkpoint
+DEFAULT_REPORT = "reports/leaderboard.html"
+
+
+def dataset_manifest(dataset: str, datasets: str | Path = "datasets") -> Path:
+    """A prepared dataset's manifest (its presence marks a prepared dataset)."""
+    return Path(datasets) / dataset / "manifest.parquet"
+
+
+def feature_stamp(results: str | Path, backbone: str, dataset: str) -> Path:
+    """Written when every image of ``dataset`` has features of ``backbone`` in the cache."""
+    return Path(results) / "features" / backbone / f"{dataset}.json"
+
+
+def model_dir(results: str | Path, method: str, backbone: str, source: str) -> Path:
+    return Path(results) / "models" / method / backbone / source
+
+
+def model_file(results: str | Path, method: str, backbone: str, source: str) -> Path:
+    return model_dir(results, method, backbone, source) / MODEL_FILE
+
+
+def job_file(results: str | Path, method: str, backbone: str, source: str, target: str) -> Path:
+    """The summary of one (method, source, target) evaluation job: the cells it wrote."""
+    return Path(results) / "jobs" / method / backbone / source / f"{target}.json"
+
+
+def cell_dir(results: str | Path, method: str, backbone: str, source: str, target: str, category: str,
+             k_normal: int, k_abnormal: int, seed: int) -> Path:
+    return (Path(results) / "cells" / method / backbone / source / target / category
+            / f"n{k_normal}a{k_abnormal}s{seed}")
+
+
+def database(results: str | Path) -> Path:
+    return Path(results) / DATABASE_FILE
+
+
+def run_config(results: str | Path) -> Path:
+    return Path(results) / "run-config.json"
+
+
+def logs_dir(results: str | Path) -> Path:
+    return Path(results) / "logs"
+
+
+def log_file(results: str | Path, step: str, name: str) -> Path:
+    return logs_dir(results) / step / f"{name}.log"
+
+
+def benchmark_file(results: str | Path, rule: str, name: str) -> Path:
+    """A job's Snakemake ``benchmark:`` record (wall time, peak memory): read by scripts/rule-resources.py."""
+    return Path(results) / "benchmarks" / rule / f"{name}.tsv"

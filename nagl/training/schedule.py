@@ -1,0 +1,92 @@
+"""Training schedules: how long and how a method is trained, and which epoch is kept.
+
+The schedule is method-independent; a method's own hyper-parameters (losses, head
+size) live with the method in ``nagl/methods/<name>.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from nagl.errors import NaglError
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything the loop needs to know (hashed into the checkpoint's metadata).
+
+    An epoch is ``episodes`` episodes, in optimiser steps (AdamW) of ``batch``
+    episodes; the learning rate is multiplied by ``gamma`` at each of ``milestones``.
+    ``normal_shots`` / ``abnormal_shots``: the shot counts the model is trained for
+    (one model serves them all). ``select``: ``last`` (the last epoch) or ``best``
+    (lowest loss on ``val_episodes`` episodes whose queries are a held-out share
+    ``val_fraction`` of the source).
+    """
+
+    profile: str
+    epochs: int
+    episodes: int
+    batch: int
+    lr: float
+    weight_decay: float
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    normal_shots: tuple[int, ...] = (1, 2, 4)
+    abnormal_shots: tuple[int, ...] = (1,)
+    select: str = "last"
+    val_fraction: float = 0.0
+    val_episodes: int = 0
+
+    def check(self) -> None:
+        where = f"training profile {self.profile!r}"
+        for name in ("epochs", "episodes", "batch"):
+            if int(getattr(self, name)) < 1:
+                raise NaglError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("normal_shots", "abnormal_shots"):
+            counts = getattr(self, name)
+            if not counts or min(counts) < 1:
+                raise NaglError(f"{where}: {name} must be a non-empty list of counts >= 1, got {list(counts)}")
+        if self.select not in ("last", "best"):
+            raise NaglError(f"{where}: select must be 'last' or 'best', got {self.select!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise NaglError(f"{where}: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.select == "best" and (self.val_fraction <= 0 or self.val_episodes < 1):
+            raise NaglError(f"{where}: select='best' needs val_fraction > 0 and val_episodes >= 1")
+        if self.lr <= 0:
+            raise NaglError(f"{where}: lr must be > 0, got {self.lr}")
+
+
+PROFILES: dict[str, Schedule] = {
+    # About a minute of compute on 2 CPU cores with cached effnet-lite0 features
+    # (80 steps of 8 episodes); see docs/methods.md for how it was chosen.
+    "embedded": Schedule(profile="embedded", epochs=10, episodes=64, batch=8, lr=1e-3,
+                         weight_decay=0.01, milestones=(8,), select="best",
+                         val_fraction=0.2, val_episodes=24),
+    # The paper's schedule.
+    "paper": Schedule(profile="paper", epochs=20, episodes=500, batch=8, lr=1e-5,
+                      weight_decay=0.01, milestones=(10, 15), select="last"),
+    # A few episodes: checks the workflow end to end, learns nothing useful.
+    "smoke": Schedule(profile="smoke", epochs=1, episodes=4, batch=2, lr=1e-3,
+                      weight_decay=0.01, select="last"),
+}
+
+
+def list_profiles() -> list[str]:
+    return list(PROFILES)
+
+
+def schedule_for(profile: str = "embedded", **overrides: Any) -> Schedule:
+    """A profile's schedule with ``overrides`` (field names of :class:`Schedule`)."""
+    if profile not in PROFILES:
+        raise NaglError(f"unknown training profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    known = set(Schedule.__dataclass_fields__) - {"profile"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise NaglError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("milestones", "normal_shots", "abnormal_shots"):
+        if key in overrides:
+            overrides[key] = tuple(int(v) for v in overrides[key])
+    schedule = replace(PROFILES[profile], **overrides)
+    schedule.check()
+    return schedule
