@@ -20,9 +20,10 @@ from PIL import Image
 from test_converters import assert_binary_png_masks, build, counts, prepare
 
 from nagl.data import layout
+from nagl.data.builders import builder_for
 from nagl.data.builders.common import split_quarter
 from nagl.data.builders.semantic import read_cifar_batch
-from nagl.data.registry import DatasetSpec, builder_for, load_registry
+from nagl.data.registry import DatasetSpec, load_registry
 from nagl.errors import MissingDataError, NaglError
 
 REPO = Path(__file__).resolve().parents[1]

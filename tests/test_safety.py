@@ -346,6 +346,17 @@ def test_validator_refuses_the_same_image_in_two_roles(user_data, leak):
     assert {problems[0].path, problems[0].message.split("(also ")[1].rstrip(")")} == {source, copy}
 
 
+def test_validator_allows_one_image_in_two_categories(user_data):
+    # One-vs-all datasets: an image is normal in its own class's category and anomalous in another's.
+    import shutil
+
+    from nagl.data.validate import validate_dataset
+
+    shutil.copy(user_data / "a/test/good/000.png", user_data / "b/test/scratch/009.png")
+    problems = validate_dataset(user_data)
+    assert not [p for p in problems if "the same image bytes" in p.message]
+
+
 def test_validator_refuses_an_all_zero_mask(user_data):
     import numpy as np
     from PIL import Image
