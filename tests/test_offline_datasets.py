@@ -182,6 +182,10 @@ def test_registry_flags_are_read_and_checked(tmp_path):
         load_registry(_write(tmp_path / "bad.yaml", bad))
     with pytest.raises(NaglError, match="'masks' must be true or false"):
         load_registry(_write(tmp_path / "bad2.yaml", REGISTRY.replace("masks: false", "masks: maybe", 1)))
+    # A key given twice in one entry (DVC refuses such a file, PyYAML would keep the last).
+    twice = REGISTRY.replace("masks: false", "masks: false\n    masks: false", 1)
+    with pytest.raises(NaglError, match="key 'masks' appears twice"):
+        load_registry(_write(tmp_path / "twice.yaml", twice))
 
 
 def test_the_project_registry_states_flags_for_the_offline_sets():

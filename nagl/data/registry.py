@@ -56,6 +56,21 @@ def registry_path() -> Path:
     return project_dir() / "config" / "datasets.yaml"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML with repeated keys refused: PyYAML keeps the last silently, DVC (which reads this
+    file for ``dvc.yaml``'s ``foreach``) refuses the file."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one entry", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
     """Read and check the registry; errors name the file and the entry."""
     path = Path(path) if path else registry_path()
@@ -63,7 +78,7 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
         raise NaglError(f"dataset registry {path} not found; run nagl from the project folder "
                         f"or set NAGL_HOME to it")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise NaglError(f"{path}: not valid YAML: {error}") from error
     entries = raw.get("datasets")
