@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import re
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -329,6 +330,10 @@ def test_missing_values_are_shown_as_missing_never_zero(db, page, tmp_path):
     pixel_auroc = heatmaps["2|0|3"]["data"][0]  # nagl, 1N + 0A, pixel AUROC
     assert all(row[column] is None for row in pixel_auroc["z"])
     assert all(row[column].split("<br>")[0] == "—" for row in pixel_auroc["text"])
+    # ... and the report says why, naming exactly the targets without masks.
+    note = re.search(r'<p class="note" id="image-level-note">(.*?)</p>', page).group(1)
+    assert escape(NO_MASK_TARGET) in note and "image-level labels only" in note
+    assert not any(escape(t) in note for t in TARGETS if t != NO_MASK_TARGET)
 
     # A method with no pixel values at all: its breakdown cells say so instead of 0.
     copy = build_results_db(tmp_path / "nulls.duckdb")

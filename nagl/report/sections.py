@@ -187,7 +187,17 @@ def breakdowns(data: ReportData) -> str:
         "the cross-domain sources per seed, then mean ± std over seeds, every method and shot setting as "
         "run (no rows merged). Open a table to see it; filter by text, method or shot setting; click a "
         f"column heading to sort; {MISSING} (not defined) always sorts last.</p>"
-        f"{per_target}{per_category}</section>")
+        f"{_image_level_note(data)}{per_target}{per_category}</section>")
+
+
+def _image_level_note(data: ReportData) -> str:
+    """Why pixel metrics are missing for some targets: they have image-level labels only."""
+    names = [r["name"] for r in data.datasets if not r["has_masks"] and r["name"] in data.targets]
+    if not names:
+        return ""
+    return (f'<p class="note" id="image-level-note">Pixel metrics are not defined ({MISSING}, stored as NULL, '
+            f"never 0) for {', '.join(esc(n) for n in names)}: these datasets have image-level labels only, "
+            "no pixel masks.</p>")
 
 
 # ------------------------------------------------------------- efficiency --
