@@ -63,7 +63,7 @@ def make_copy(root: Path) -> None:
 
 
 STAGES = {"prepare": ["datasets", "prepare"], "features": ["step", "features"], "train": ["step", "train"],
-          "evaluate": ["step", "evaluate"], "ingest": ["step", "ingest"], "report": ["report"]}
+          "evaluate": ["step", "evaluate"], "ingest": ["step", "ingest"], "report": ["step", "report"]}
 
 
 def stage_of(command: list[str]) -> str:
