@@ -302,8 +302,8 @@ def test_registry_entries_of_the_reference_benchmarks():
     for name in WAVE2:
         entry = specs[name]
         builder_for(entry.kind)
-        assert entry.options["masks"] is (name in WITH_MASKS), name
-        assert entry.options["anomaly"] == ("semantic" if entry.domain == "semantic" else "defect"), name
+        assert entry.masks is (name in WITH_MASKS), name
+        assert entry.anomaly == ("semantic" if entry.domain == "semantic" else "defect"), name
         assert entry.options["counts"], name
         for archive in archive_entries(entry):
             assert archive["filename"] and archive["url"].startswith("https://"), name

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from nagl.config import validate_config
+from nagl.data import layout
 from nagl.data.builders import builder_for
 from nagl.data.registry import BUILDERS, DatasetSpec, load_registry
 from nagl.errors import NaglError
@@ -122,12 +123,24 @@ def test_every_backbone_without_a_weights_file_extracts_its_declared_shape(name)
 # -- dataset kinds ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", BUILDERS.names())
-def test_every_dataset_kind_fails_clearly_on_an_entry_it_cannot_build(kind, tmp_path, downloads):
+def test_every_dataset_kind_builds_or_fails_clearly_on_a_bare_entry(kind, tmp_path, downloads):
+    # A bare entry (no options, no archive placed): a kind whose data ships with a package
+    # (elpv-package, sklearn-digits, embedded) builds the canonical layout; any other kind
+    # fails with a NaglError naming the dataset.
     spec = DatasetSpec("contract-probe", kind, "test", {})
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(NaglError, match="contract-probe"):
+    try:
         builder_for(kind)(spec, out)
+    except NaglError as error:
+        assert "contract-probe" in str(error)
+        return
+    folders = {(category, split, kind_) for category, split, kind_, folder in layout.image_folders(out)
+               if any(folder.iterdir())}
+    assert folders, f"{kind}: built nothing"
+    for category in layout.categories(out):
+        assert {(category, "train", "good"), (category, "test", "good")} <= folders, (kind, category)
+        assert any(c == category and s == "test" and d != "good" for c, s, d in folders), (kind, category)
 
 
 def test_every_registered_dataset_has_a_known_kind():

@@ -237,6 +237,7 @@ def test_pseudo_mask_count_counts_missing_and_empty_masks():
 
 
 def test_image_level_target_has_null_pixel_metrics_and_counted_pseudo_masks(project):
+    from nagl.config import validate_config
     from nagl.evaluate import evaluate_job
     from nagl.results.ingest import dataset_rows, ingest
 
@@ -244,10 +245,10 @@ def test_image_level_target_has_null_pixel_metrics_and_counted_pseudo_masks(proj
     prepare_dataset("elpv-mini", version=False)
     manifest = read_manifest(root / "datasets" / "elpv-mini")
     assert manifest["mask_path"].isna().all() and int(manifest["label"].sum()) == 5
-    config = {"backbone": "effnet-lite0", "image_size": 64, "eval_resolution": 32,
-              "methods": ["knn-naive"], "sources": [], "targets": ["elpv-mini"],
-              "shots": {"k_normal": [1], "k_abnormal": [0, 2]}, "seeds": [0],
-              "training": {"profile": "smoke", "seed": 0}, "results": str(root / "results")}
+    config = validate_config({"backbone": "effnet-lite0", "image_size": 64, "eval_resolution": 32,
+                              "methods": ["knn-naive"], "sources": [], "targets": ["elpv-mini"],
+                              "shots": {"k_normal": [1], "k_abnormal": [0, 2]}, "seeds": [0],
+                              "training": {"profile": "smoke", "seed": 0}, "results": str(root / "results")})
     cells = [Path(c) for c in evaluate_job(config, "knn-naive", "-", "elpv-mini")]
     assert len(cells) == 2
     for cell in cells:

@@ -8,6 +8,7 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from dataset_fixtures import write_tar, write_zip
@@ -216,7 +217,7 @@ def test_atomic_helpers_give_ordinary_permissions(tmp_path, umask_022):
 
 
 def test_outputs_are_644_under_umask_022(tmp_path, umask_022, monkeypatch):
-    from nagl.config import load_config, write_effective_config
+    from nagl.config import load_config, validate_config, write_effective_config
     from nagl.methods import create_method
     from nagl.report import build_report
 
@@ -224,9 +225,9 @@ def test_outputs_are_644_under_umask_022(tmp_path, umask_022, monkeypatch):
     db = build_results_db(tmp_path / "results" / "benchmark.duckdb")
     report = build_report(db, tmp_path / "reports" / "leaderboard.html")
     monkeypatch.chdir(REPO)
-    config = load_config(REPO / "config" / "config.yaml")
+    config = load_config(REPO / "config" / "config.yaml").as_dict()
     config["results"] = str(tmp_path / "results")
-    run_config = Path(write_effective_config(config))
+    run_config = Path(write_effective_config(validate_config(config)))
     checkpoint = create_method("nagl", 8, seed=0).save(tmp_path / "results" / "models" / "nagl")
     ingested = tmp_path / "ingested.duckdb"
     from nagl.results.ingest import ingest
@@ -521,7 +522,8 @@ def test_cleanup_removes_only_the_platforms_temporaries(project, monkeypatch, tm
     for name in stale + kept:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")
-    removed = clean_before_run({"results": "results", "report": "reports/leaderboard.html"}, root)
+    # clean_before_run reads the run config's two folders only
+    removed = clean_before_run(SimpleNamespace(results="results", report="reports/leaderboard.html"), root)
     assert not [name for name in stale if (root / name).exists()]
     assert [name for name in kept if (root / name).exists()] == kept
     assert len(removed) == len(stale) and shared.exists()
