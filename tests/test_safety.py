@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from concurrent_reader import Reader
 from dataset_fixtures import write_tar, write_zip
 from report_fixtures import build_results_db
 
@@ -406,30 +407,6 @@ def write_half_then_hang(path, text):
 build.atomic_write_text = write_half_then_hang
 build.build_report(db, out)
 """
-
-
-class Reader:
-    """Reads a file over and over in a thread until stopped; keeps every failure."""
-
-    def __init__(self, read):
-        import threading
-
-        self.read, self.values, self.failures = read, [], []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop.is_set():
-            try:
-                self.values.append(self.read())
-            except Exception as error:  # noqa: BLE001 - every failure of a reader is the finding
-                self.failures.append(repr(error))
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join()
-        return self
 
 
 def kill_when_marked(script: str, args: list[str], marker: Path) -> None:

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 import yaml
+from concurrent_reader import Reader
 
 from nagl.config import load_config
 from nagl.errors import NaglError
@@ -167,7 +167,7 @@ def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     # One more seed: only the new cells are computed, the old ones are kept. A reader of the
     # database and the report during the run (which re-ingests) always finds a valid file.
     report = root / "reports" / "leaderboard.html"
-    reader = _Reader(lambda: (query(db, "SELECT count(*) AS n FROM runs")["n"][0], report.stat().st_size))
+    reader = Reader(pause=0.05, read=lambda: (query(db, "SELECT count(*) AS n FROM runs")["n"][0], report.stat().st_size))
     grown = _nagl(root, "run", "--config", str(_write_config(root, seeds=[0, 1, 2])), "--cores", "2")
     reader.finish()
     assert grown.returncode == 0, grown.stderr[-3000:]
@@ -185,7 +185,7 @@ def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     process = subprocess.Popen([sys.executable, "-m", "nagl", "run", "--config", str(_write_config(root, seeds=[0, 1, 2])),
                                 "--cores", "2"], cwd=root, env={**os.environ, "NAGL_HOME": str(root)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    reader = _Reader(lambda: query(db, "SELECT count(*) AS n FROM runs")["n"][0])
+    reader = Reader(pause=0.05, read=lambda: query(db, "SELECT count(*) AS n FROM runs")["n"][0])
     while process.poll() is None and (not ingest_log.exists() or ingest_log.stat().st_mtime_ns == logged):
         time.sleep(0.05)  # the ingest job has started once its log is rewritten
     with contextlib.suppress(ProcessLookupError):
@@ -198,25 +198,3 @@ def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     assert finished_run.returncode == 0, finished_run.stderr[-3000:]
     assert len(_run_ids(db)) == EXPECTED_CELLS * 3 // 2
     assert not list((root / "results").glob(".benchmark.duckdb.*.tmp*"))
-
-
-class _Reader:
-    """Calls ``read`` over and over in a thread until finished; keeps every failure."""
-
-    def __init__(self, read):
-        self.read, self.values, self.failures = read, [], []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop.is_set():
-            try:
-                self.values.append(self.read())
-            except Exception as error:  # noqa: BLE001 - any failure of a reader is the finding
-                self.failures.append(repr(error))
-            time.sleep(0.05)
-
-    def finish(self):
-        self.stop.set()
-        self.thread.join()
