@@ -15,6 +15,7 @@ import pytest
 import yaml
 from concurrent_reader import Reader
 
+from nagl import paths
 from nagl.config import load_config
 from nagl.errors import NaglError
 from nagl.results.query import query
@@ -180,7 +181,7 @@ def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     # next run finishes the job.
     job = next((root / "results" / "jobs").glob("**/*.json"))
     os.utime(job)  # newer than the database's stamp: ingest and report run again
-    ingest_log = root / "results" / "logs" / "ingest.log"
+    ingest_log = root / paths.log_file("results", "ingest", "ingest")
     logged = ingest_log.stat().st_mtime_ns
     process = subprocess.Popen([sys.executable, "-m", "nagl", "run", "--config", str(_write_config(root, seeds=[0, 1, 2])),
                                 "--cores", "2"], cwd=root, env={**os.environ, "NAGL_HOME": str(root)},
