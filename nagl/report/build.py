@@ -18,6 +18,7 @@ import duckdb
 
 from nagl.errors import NaglError
 from nagl.io import atomic_write_text
+from nagl.paths import database
 from nagl.report import export, figures, sections, tables
 from nagl.report.queries import ReportData, load, open_database
 from nagl.settings import project_dir, results_dir
@@ -26,7 +27,7 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def default_db_path() -> Path:
-    return results_dir() / "benchmark.duckdb"
+    return database(results_dir())
 
 
 FORMATS = {"html": "leaderboard.html", "latex": "main-table.tex", "csv": "main-table.csv"}
