@@ -46,10 +46,14 @@ def job_file(results: str | Path, method: str, backbone: str, source: str, targe
     return Path(results) / "jobs" / method / backbone / source / f"{target}.json"
 
 
+def cells_dir(results: str | Path) -> Path:
+    """The root below which every evaluation cell has its folder."""
+    return Path(results) / "cells"
+
+
 def cell_dir(results: str | Path, method: str, backbone: str, source: str, target: str, category: str,
              k_normal: int, k_abnormal: int, seed: int) -> Path:
-    return (Path(results) / "cells" / method / backbone / source / target / category
-            / f"n{k_normal}a{k_abnormal}s{seed}")
+    return cells_dir(results) / method / backbone / source / target / category / f"n{k_normal}a{k_abnormal}s{seed}"
 
 
 def database(results: str | Path) -> Path:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from nagl import paths
 from nagl.config import run_datasets
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
@@ -141,7 +142,7 @@ def _cell_folders(results_dir: Path, cell_dirs: Iterable[str | os.PathLike] | No
     if cell_dirs is not None:
         return sorted({Path(folder) for folder in cell_dirs})
     folders = []
-    for folder, _, files in os.walk(results_dir / "cells"):
+    for folder, _, files in os.walk(paths.cells_dir(results_dir)):
         if any(name in files for name in CELL_FILES):
             folders.append(Path(folder))
     return sorted(folders)
@@ -223,7 +224,7 @@ def ingest(
     results_dir = Path(results_dir)
     db_path = Path(db_path)
     collected = _Collected()
-    cells_root = results_dir / "cells"
+    cells_root = paths.cells_dir(results_dir)
     for folder in _cell_folders(results_dir, cell_dirs):
         if (folder / "run.json").is_file():
             collected.add_cell(folder, cells_root)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from nagl import paths
 from nagl.errors import NaglError
 from nagl.metrics import IMAGE_METRICS, PIXEL_METRICS
 from nagl.protocol import verify_split_json
@@ -217,11 +218,9 @@ def check_split(split_json: Any, run: Mapping[str, Any], source: str) -> None:
 
 
 def cell_dir(results_dir: Path, run: Mapping[str, Any]) -> Path:
-    """``results/cells/<method>/<backbone>/<source>/<target>/<category>/n<kn>a<ka>s<seed>``."""
-    return (
-        Path(results_dir) / "cells" / run["method"] / run["backbone"] / run["source"] / run["target"]
-        / run["category"] / f"n{run['k_normal']}a{run['k_abnormal']}s{run['seed']}"
-    )
+    """The folder of the cell that ``run`` (a row of ``runs``) describes (see :func:`nagl.paths.cell_dir`)."""
+    return paths.cell_dir(results_dir, run["method"], run["backbone"], run["source"], run["target"],
+                          run["category"], run["k_normal"], run["k_abnormal"], run["seed"])
 
 
 def cell_key_path(run: Mapping[str, Any]) -> Path:
