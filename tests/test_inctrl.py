@@ -286,6 +286,49 @@ def test_text_prior_is_off_without_a_loaded_text_tower(backbone):
         assert status["text_prior_reason"] == NO_TEXT_ENCODER
 
 
+def test_text_prior_is_on_with_a_clip_backbone_whose_weights_keep_the_text_tower(monkeypatch, tmp_path):
+    """A tiny CLIP registered with a weights file: the imported file keeps the text tower, the
+    method config turns the prior on, and the tower is loaded back from that file when scoring."""
+    import open_clip
+
+    from nagl.methods import text_prior
+    from nagl.models import backbones, weights
+    from nagl.models.backbones import BACKBONES, TINY_CLIP_CONFIG, create_backbone
+
+    spec = weights.WeightSpec(backbone="tiny-clip", file_name="tiny-clip.safetensors", kind="open_clip",
+                              source="a tiny test CLIP", hub_repo="nobody/tiny-clip",
+                              hub_files=("open_clip_model.safetensors",), open_clip_model="tiny-clip-test")
+    monkeypatch.setitem(BACKBONES.entries, "tiny-clip", backbones.BackboneEntry(BACKBONES.get("tiny-clip").factory, spec))
+    monkeypatch.delenv(weights.env_var("tiny-clip"), raising=False)
+    monkeypatch.setenv("NAGL_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    embed_dim = TINY_CLIP_CONFIG["embed_dim"]
+    monkeypatch.setattr(text_prior, "clip_text_config", lambda name: (embed_dim, dict(TINY_TEXT)))
+    torch.manual_seed(4)
+    clip = open_clip.CLIP(embed_dim, TINY_CLIP_CONFIG["vision_cfg"], TINY_TEXT)
+    checkpoint = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(clip.state_dict(), checkpoint)
+    backbones.import_weights("tiny-clip", checkpoint)
+
+    status = text_tower_status(create_backbone("tiny-clip", random_init=False))
+    assert status["text_prior"] is True and status["text_encoder"]["text_cfg"] == TINY_TEXT
+    encoder = text_prior.load_text_encoder(status["text_encoder"])
+    prompts = ["a photo of a screw.", "damaged screw"]
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(prompts), clip.encode_text(open_clip.tokenize(prompts)))
+
+    method = create_method("inctrl", 16, levels=LEVELS, embed_dim=embed_dim, **status)
+    query, prompts_ = features(2, 1, embed_dim=embed_dim), features(2, 2, embed_dim=embed_dim)
+    _, scores = method.score(query, prompts_, category="screw")  # loads the tower from the file
+    off = create_method("inctrl", 16, levels=LEVELS, embed_dim=embed_dim)
+    assert not torch.allclose(scores, off.score(query, prompts_)[1])
+    (tmp_path / "weights" / "tiny-clip.safetensors").write_bytes(b"another file")
+    fresh = create_method("inctrl", 16, levels=LEVELS, embed_dim=embed_dim, **status)
+    with pytest.raises(NaglError, match="not the one"):
+        fresh.score(query, prompts_, category="screw")
+
+
 # -------------------------------------------------------------- checkpoints --
 
 def test_save_and_load_round_trip(tmp_path):

@@ -104,15 +104,26 @@ def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
 
 
+def clip_text_config(open_clip_model: str) -> tuple[int, dict[str, Any]]:
+    """``(embed_dim, text_cfg)`` of an open_clip model config."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(open_clip_model)
+    if cfg is None or "text_cfg" not in cfg:
+        raise NaglError(f"open_clip {open_clip.__version__} has no text config for {open_clip_model!r}")
+    return int(cfg["embed_dim"]), dict(cfg["text_cfg"])
+
+
 def text_tower_status(backbone: Any) -> dict[str, Any]:
     """Whether ``backbone`` offers a text tower with loaded weights, as method settings:
     ``{"text_prior": bool, "text_prior_reason": str, "text_encoder": dict | None}``.
 
-    ``text_encoder`` says how to rebuild the tower later (backbone name, open_clip model,
-    QuickGELU, and the weights digest the backbone was built from, which must still match).
+    ``text_encoder`` says how to rebuild the tower later: the backbone's name, the
+    digest of the weights file it was built from (which must still match), the tower's
+    shape (``embed_dim``, open_clip's ``text_cfg``) and its activation (QuickGELU or not).
     """
     off = {"text_prior": False, "text_prior_reason": NO_TEXT_ENCODER, "text_encoder": None}
-    from nagl.models.backbones import BACKBONES, find_weights
+    from nagl.models.backbones import BACKBONES, find_weights, weights_digest
 
     spec = BACKBONES.get(backbone.name).weights if backbone.name in BACKBONES else None
     if spec is None or spec.kind != "open_clip" or not spec.open_clip_model:
@@ -120,15 +131,18 @@ def text_tower_status(backbone: Any) -> dict[str, Any]:
     if str(backbone.weights_id).startswith("random"):
         return {**off, "text_prior_reason": "backbone weights are random (no trained text tower)"}
     path = find_weights(backbone.name)
+    if weights_digest(path) != backbone.weights_id:
+        return {**off, "text_prior_reason": f"backbone was built from another file than its weights file {path}"}
     if not _has_text_tower(path):
         return {**off, "text_prior_reason": f"weights file {path} holds the image tower only; "
                                             f"import the full CLIP checkpoint to keep the text tower"}
     from open_clip.transformer import QuickGELU
 
-    quick_gelu = any(isinstance(m, QuickGELU) for m in backbone.modules())
+    embed_dim, text_cfg = clip_text_config(spec.open_clip_model)
     return {"text_prior": True, "text_prior_reason": "backbone has a text tower with loaded weights",
-            "text_encoder": {"backbone": backbone.name, "open_clip_model": spec.open_clip_model,
-                             "quick_gelu": quick_gelu, "weights_id": str(backbone.weights_id)}}
+            "text_encoder": {"backbone": backbone.name, "weights_id": str(backbone.weights_id),
+                             "embed_dim": embed_dim, "text_cfg": text_cfg,
+                             "quick_gelu": any(isinstance(m, QuickGELU) for m in backbone.modules())}}
 
 
 def _has_text_tower(path: Path) -> bool:
@@ -146,8 +160,6 @@ def _has_text_tower(path: Path) -> bool:
 def load_text_encoder(settings: dict[str, Any]) -> ClipTextEncoder:
     """The text tower described by :func:`text_tower_status`'s ``text_encoder``, from the
     backbone's weights file; refuses a file other than the one the model was built with."""
-    import open_clip
-
     from nagl.models.backbones import find_weights, weights_digest
     from nagl.models.weights import read_state_dict
 
@@ -155,8 +167,7 @@ def load_text_encoder(settings: dict[str, Any]) -> ClipTextEncoder:
     if weights_digest(path) != settings["weights_id"]:
         raise NaglError(f"inctrl: the weights file {path} of backbone {settings['backbone']!r} is not the one "
                         f"this model was built with ({settings['weights_id']}); restore that file or retrain")
-    cfg = open_clip.get_model_config(settings["open_clip_model"])
-    return ClipTextEncoder.build(cfg["embed_dim"], cfg["text_cfg"], bool(settings["quick_gelu"]),
+    return ClipTextEncoder.build(settings["embed_dim"], settings["text_cfg"], bool(settings["quick_gelu"]),
                                  state=text_state_dict(read_state_dict(path)))
 
 

@@ -171,8 +171,9 @@ def visual_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _reduce(spec: WeightSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What we keep of a checkpoint: the CLIP image tower, or the whole ViT."""
-    if spec.kind == "open_clip":
+    """What we keep of a checkpoint: the CLIP image tower, and the text tower when the checkpoint
+    has one (InCTRL's text prior reads it); or the whole ViT."""
+    if spec.kind == "open_clip" and "token_embedding.weight" not in state:
         state = visual_state_dict(state)
     # safetensors refuses tensors that share memory; give each its own.
     return {key: value.detach().clone().contiguous() for key, value in state.items()}
@@ -182,7 +183,7 @@ def import_weights(spec: WeightSpec, source: str | os.PathLike, check: Callable[
     """Write the checkpoint ``source`` to the expected file, if ``check(path)`` (which
     builds the backbone from it) passes.
 
-    The file is written as a safetensors state dict (for CLIP, the image tower only),
+    The file is written as a safetensors state dict (for CLIP, the image tower and the text tower if any),
     atomically; returns its path.
     """
     from safetensors.torch import save_file
