@@ -343,3 +343,100 @@ def test_save_and_load_round_trip(tmp_path):
     wider = create_method("inctrl", 16, levels={"fine": [5, 5, 6], "coarse": [5, 5, 10]}, embed_dim=EMBED_DIM)
     with pytest.raises(NaglError, match="G = 25"):
         wider.load_state_dict(method.state_dict())
+
+
+# ------------------------------------------------------------- in the harness --
+
+def test_batch_spec_asks_for_balanced_normal_only_episodes_and_profiles_are_registered():
+    from nagl.training.schedule import schedule_for
+
+    spec = make_method().batch_spec((2, 4), (1,))
+    assert (spec.normal_shots, spec.abnormal_shots, spec.mask_size) == ((2, 4), (0,), None)
+    assert spec.balanced and spec.needs_embed and spec.level_group == "patch"
+    paper = schedule_for("paper", method="inctrl")
+    assert (paper.epochs, paper.episodes // paper.batch, paper.batch, paper.lr, paper.weight_decay,
+            paper.milestones, paper.select) == (10, 100, 16, 1e-3, 0.01, (), "last")
+    assert schedule_for("embedded", method="inctrl").profile == "embedded"
+
+
+def test_a_query_is_never_its_own_prompt_in_the_episode_draw():
+    import numpy as np
+    import pandas as pd
+
+    from nagl.training.episodes import BalancedSampler, draw_batch, split_source
+
+    rows = [{"category": c, "label": label, "defect_type": "good" if label == 0 else "crack", "mask_path": None}
+            for c in ("a", "b") for label in [0] * 4 + [1] * 3]
+    manifest = pd.DataFrame(rows)
+    spec = make_method().batch_spec((1, 3), (1,))
+    pool, _, skipped = split_source(manifest, spec, 0.0, seed=0)
+    assert not skipped
+    rng = np.random.default_rng(0)
+    sampler = BalancedSampler(pool, rng)
+    episodes = [e for _ in range(40) for e in draw_batch(pool, rng, spec, 16, epoch=1, sampler=sampler)]
+    assert sum(e.label for e in episodes) == len(episodes) // 2
+    for episode in episodes:
+        assert episode.query not in episode.normal and episode.abnormal == ()
+        assert len(episode.normal) in (1, 3)
+        assert all(manifest.at[i, "category"] == episode.category and manifest.at[i, "label"] == 0
+                   for i in episode.normal)
+        assert manifest.at[episode.query, "category"] == episode.category
+
+
+MINI_REGISTRY = """
+datasets:
+  ic-source:
+    kind: embedded
+    domain: industrial-texture
+    preset: textures
+    categories: [brick, gravel]
+    counts: {train_good: 6, test_good: 3, test_anomalous: 6}
+  ic-target:
+    kind: embedded
+    domain: industrial-object
+    preset: objects
+    categories: [coins]
+    counts: {train_good: 4, test_good: 4, test_anomalous: 4}
+"""
+
+
+def test_trained_on_the_source_and_evaluated_in_normal_only_cells(project, monkeypatch):
+    """End to end on tiny embedded sets (effnet-lite0 at 64 px, grid 8x8): the checkpoint records its
+    shapes and the text prior's state; only k_abnormal = 0 cells are written; scores are s in (0, 1)."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from nagl.config import validate_config
+    from nagl.data.prepare import prepare_dataset
+    from nagl.evaluate import evaluate_job
+    from nagl.paths import model_dir
+    from nagl.training import schedule as schedules
+    from nagl.training.loop import train_from_config
+    from nagl.training.schedule import Schedule
+
+    project(MINI_REGISTRY)
+    for name in ("ic-source", "ic-target"):
+        prepare_dataset(name, version=False)
+    tiny = Schedule(profile="embedded", epochs=2, episodes=8, batch=4, lr=1e-3, weight_decay=0.01)
+    monkeypatch.setitem(schedules.METHOD_PROFILES, ("inctrl", "embedded"), tiny)
+    config = validate_config({"backbone": "effnet-lite0", "image_size": 64, "eval_resolution": 32,
+                              "methods": ["inctrl"], "sources": ["ic-source"], "targets": ["ic-target"],
+                              "shots": {"k_normal": [1, 2], "k_abnormal": [0, 1]}, "seeds": [0],
+                              "training": {"profile": "embedded"}})
+    folder = model_dir(config.results, "inctrl", "effnet-lite0", "ic-source")
+    result = train_from_config(config, "inctrl", "ic-source", folder)
+    assert result.schedule.normal_shots == (1, 2)
+    info = json.loads((folder / "model.json").read_text())
+    assert info["config"]["levels"] == {"grid-coarse": [8, 8, 112], "grid-fine": [8, 8, 40]}
+    assert info["config"]["text_prior"] is False and info["config"]["text_prior_reason"] == NO_TEXT_ENCODER
+    assert info["params_head"] == result.method.parameter_counts()[0]
+
+    cells = evaluate_job(config, "inctrl", "ic-source", "ic-target")
+    assert sorted(Path(c).name for c in cells) == ["n1a0s0", "n2a0s0"]
+    for cell in cells:
+        scores = pd.read_parquet(Path(cell) / "scores.parquet")["score"]
+        assert ((scores > 0) & (scores < 1)).all()
+        metrics = json.loads((Path(cell) / "metrics.json").read_text())
+        assert metrics["pixel"]["auroc"] is not None  # the pixel map M

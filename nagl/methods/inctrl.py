@@ -32,7 +32,7 @@ from nagl.methods.base import MaskInput, TrainableMethod, normal_scores
 from nagl.methods.registry import register_method
 from nagl.methods.text_prior import NO_TEXT_ENCODER, PROMPT_SETS, TextEncoder, TextPrior, load_text_encoder, text_tower_status
 from nagl.training.batch import BatchSpec, EpisodeBatch
-from nagl.training.schedule import Schedule
+from nagl.training.schedule import Schedule, register_profile
 
 EMBED = "embed"
 FOCAL_INPUTS = ("probability", "logit")
@@ -137,7 +137,7 @@ class InctrlMethod(TrainableMethod):
                          text_encoder=dict(text_encoder) if text_encoder else None, prompt_set=prompt_set,
                          logit_scale=float(logit_scale), reduction=int(reduction), hidden=[int(h) for h in hidden],
                          focal_alpha=float(focal_alpha), focal_gamma=float(focal_gamma), focal_input=focal_input)
-        self.level_names = list(shapes)
+        self.level_names = sorted(shapes)  # a fixed order: M is the same before and after save / load
         self.grid: tuple[int, int] = next(iter(grids))
         self.patches = self.grid[0] * self.grid[1]
         self.embed_dim = int(embed_dim)
@@ -150,12 +150,7 @@ class InctrlMethod(TrainableMethod):
     @classmethod
     def config_for_backbone(cls, backbone: Any) -> dict[str, Any]:
         """The shapes of the backbone's ``patch`` levels and embedding, and whether it has a text tower."""
-        group = getattr(backbone, "level_groups", {}).get(cls.level_group)
-        if not group:
-            raise NaglError(f"inctrl: backbone {backbone.name!r} publishes no {cls.level_group!r} level group; "
-                            f"use a backbone with multi-layer patch levels (effnet-lite0, the open_clip ViTs)")
-        levels = {name: [*backbone.levels[name][0], backbone.levels[name][1]] for name in group}
-        return {"levels": levels, "embed_dim": backbone.embed_dim, **text_tower_status(backbone)}
+        return {**super().config_for_backbone(backbone), **text_tower_status(backbone)}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "pixel_map": PIXEL_MAP, "image_score": "s = (s_h + s_p) / 2"}
@@ -285,3 +280,5 @@ class InctrlMethod(TrainableMethod):
                             f"tensors with other names or shapes ({sorted(set(state) ^ set(expected))[:3]})")
         self.head.load_state_dict(state)
 
+
+register_profile("inctrl", "paper", PAPER)
