@@ -49,8 +49,10 @@ def test_real_architectures_grid_and_dim():
     expected = {
         "dinov2-vits14": (448, (32, 32), 384),
         "clip-vit-b-16-plus-240": (240, (15, 15), 2 * 896),
+        "clip-vit-b-16-plus-240-e32": (240, (15, 15), 2 * 896),
         "clip-vit-l-14-336": (336, (24, 24), 2 * 1024),
         "effnet-lite0": (256, (32, 32), 40 + 112),
+        "wide-resnet50-2": (224, (28, 28), 512 + 1024),
     }
     for name, (size, grid, dim) in expected.items():
         info = backbone_info(name)

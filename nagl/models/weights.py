@@ -212,6 +212,9 @@ def _download(spec: WeightSpec) -> Path:
         if not cfg:
             raise NaglError(f"open_clip has no pretrained tag {spec.open_clip_tag!r} for "
                             f"{spec.open_clip_model!r}; upgrade open_clip_torch")
+        if spec.open_clip_tag not in cfg.get("hf_hub", spec.open_clip_tag):
+            # open_clip's table points laion400m_e32 at the e31 repository: take the release URL.
+            cfg = {key: value for key, value in cfg.items() if key != "hf_hub"}
         return Path(download_pretrained(cfg))
     from huggingface_hub import hf_hub_download
 
