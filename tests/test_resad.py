@@ -330,3 +330,12 @@ def test_calibration_fixes_each_level_constant_at_the_max_normal_log_likelihood(
     # every level's normalised map peaks at exactly 1 on the calibration patches
     assert all(float(torch.exp(ll - c).max()) == pytest.approx(1.0, rel=1e-5)
                for ll, c in zip(likelihoods, constants, strict=True))
+
+
+def test_whole_maps_without_positions_equal_explicit_positions():
+    flow = perturbed(ConditionalFlow(4, condition=8, blocks=2))
+    code, x = torch.randn(3, 8), torch.randn(6, 4)
+    explicit = flow.log_likelihood(x, code, torch.arange(3).repeat(2))
+    assert torch.allclose(flow.log_likelihood(x, code, None), explicit, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(flow.eval().log_likelihood(x, code, None), explicit, atol=1e-6)

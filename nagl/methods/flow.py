@@ -91,19 +91,23 @@ class CouplingBlock(nn.Module):
         return self._cache[2]
 
     def _coefficients(self, x1: torch.Tensor, code: torch.Tensor,
-                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         first = self.subnet[0]
-        if torch.is_grad_enabled() or self.training:
+        hidden = F.linear(x1, first.weight[:, : self.split[0]])
+        if positions is None:  # whole maps: the vectors are the grid's positions in order, map after map
+            hidden = (hidden.view(-1, code.shape[0], hidden.shape[1]) + self._table(code)).view(hidden.shape)
+        elif torch.is_grad_enabled() or self.training:
             unique, inverse = positions.unique(return_inverse=True)
-            condition = self._table(code[unique])[inverse]
+            hidden = hidden + self._table(code[unique])[inverse]
         else:
-            condition = self._table(code)[positions]
-        hidden = F.relu(F.linear(x1, first.weight[:, : self.split[0]]) + condition)
-        a = 0.1 * self.subnet[2](hidden)
+            hidden = hidden + self._table(code)[positions]
+        a = 0.1 * self.subnet[2](F.relu(hidden))
         return self.clamp * torch.tanh(a[:, : self.split[1]]), a[:, self.split[1]:]
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(z, log det)`` of ``x`` ``(N, C)``; vector ``i`` is conditioned on ``code[positions[i]]``."""
+    def forward(self, x: torch.Tensor, code: torch.Tensor,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log det)`` of ``x`` ``(N, C)``; vector ``i`` is conditioned on ``code[positions[i]]``
+        (``positions`` None: on ``code[i % G]``, for whole maps of ``G = len(code)`` positions)."""
         x1, x2 = x.split(self.split, dim=1)
         u, shift = self._coefficients(x1, code, positions)
         x = torch.cat([x1, x2 * torch.exp(u) + shift], dim=1)
@@ -111,7 +115,7 @@ class CouplingBlock(nn.Module):
         z = (x * gamma + self.global_offset) @ self.rotation.T
         return z, u.sum(dim=1) + torch.log(gamma).sum()
 
-    def inverse(self, z: torch.Tensor, code: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, code: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         x = (z @ self.rotation - self.global_offset) / self.gamma()
         x1, x2 = x.split(self.split, dim=1)
         u, shift = self._coefficients(x1, code, positions)
@@ -122,7 +126,8 @@ class ConditionalFlow(nn.Module):
     """``blocks`` coupling blocks; the rotations come from ``seed`` (one generator, block after block).
 
     The condition of vector ``i`` is row ``positions[i]`` of ``code`` ``(G, P)`` (the position
-    code of a grid); a per-vector condition ``(N, P)`` is ``code`` with ``positions = arange(N)``.
+    code of a grid), or row ``i % G`` with ``positions = None`` (whole maps, map after map); a
+    per-vector condition ``(N, P)`` is ``code`` with ``positions = arange(N)``.
     """
 
     def __init__(self, width: int, condition: int = 256, blocks: int = 10, clamp: float = 1.9, seed: int = 0):
@@ -131,7 +136,8 @@ class ConditionalFlow(nn.Module):
         self.blocks = nn.ModuleList(CouplingBlock(width, condition, clamp, random_rotation(width, generator))
                                     for _ in range(blocks))
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, code: torch.Tensor,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z (N, C), log det (N,))``."""
         log_det = x.new_zeros(x.shape[0])
         for block in self.blocks:
@@ -139,12 +145,12 @@ class ConditionalFlow(nn.Module):
             log_det = log_det + part
         return x, log_det
 
-    def inverse(self, z: torch.Tensor, code: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, code: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         for block in reversed(self.blocks):
             z = block.inverse(z, code, positions)
         return z
 
-    def log_likelihood(self, x: torch.Tensor, code: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, x: torch.Tensor, code: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """Per-dimension log-likelihood under a standard normal base,
         ``(-C/2 log 2 pi - |z|^2 / 2 + log det) / C``, ``(N,)``."""
         z, log_det = self(x, code, positions)

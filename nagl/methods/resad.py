@@ -72,11 +72,11 @@ def nearest_residual(query: torch.Tensor, bank: torch.Tensor, match: str = "l2",
     step = max(1, _MATCH_BLOCK // max(1, bank.shape[0]))
     index = torch.empty(flat.shape[0], dtype=torch.long)
     for begin in range(0, flat.shape[0], step):
-        product = rows_of[begin:begin + step] @ keys
+        rows = rows_of[begin:begin + step]
         if offset is None:
-            index[begin:begin + step] = product.argmax(dim=1)
+            index[begin:begin + step] = (rows @ keys).argmax(dim=1)
         else:
-            index[begin:begin + step] = (offset[None] - 2.0 * product).argmin(dim=1)
+            index[begin:begin + step] = torch.addmm(offset[None], rows, keys, alpha=-2.0).argmin(dim=1)
     diff = flat - bank[index]
     if residual == "squared":
         diff = diff * diff
@@ -238,7 +238,8 @@ class ResadMethod(TrainableMethod):
         maps = residual.transpose(1, 2).reshape(b, -1, h, w)
         return self.head.constraintors[level](maps).reshape(b, -1, h * w).transpose(1, 2)
 
-    def _log_likelihood(self, level: int, vectors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _log_likelihood(self, level: int, vectors: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Per-dimension log-likelihoods ``(N,)``; ``positions`` None: whole maps of the level's grid."""
         return self.head.flows[level].log_likelihood(vectors, self.codes[self.levels[level]], positions)
 
     def _normality(self, likelihoods: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -257,8 +258,7 @@ class ResadMethod(TrainableMethod):
         for level, residual in enumerate(residuals):
             b, g, c = residual.shape
             vectors = self._constrained(level, residual).reshape(b * g, c)
-            positions = torch.arange(g).repeat(b)
-            out.append(self._log_likelihood(level, vectors, positions).reshape(b, g))
+            out.append(self._log_likelihood(level, vectors, None).reshape(b, g))
         return out
 
     @torch.no_grad()
@@ -439,7 +439,7 @@ class ResadMethod(TrainableMethod):
             if self.config["constraintor"]:
                 total = total + occ_loss(out.reshape(b * g, c), residual.reshape(b * g, c),
                                          masks[level].reshape(-1), self.config["occ"])
-            ll = self._log_likelihood(level, out.reshape(b * g, c), torch.arange(g).repeat(b))
+            ll = self._log_likelihood(level, out.reshape(b * g, c), None)
             flow = self._flow_loss(ll, masks[level].reshape(-1), level, stage=1, update=False)
             if flow is not None:
                 total = total + flow
