@@ -26,8 +26,8 @@ from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
-from nagl.methods import create_method, load_method
-from nagl.methods.base import anomaly_maps, image_scores, pseudo_mask_count
+from nagl.methods import create_method, load_method, method_class
+from nagl.methods.base import anomaly_maps, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
@@ -145,7 +145,11 @@ class Evaluator:
             self.checkpoint_hash = info.get("checkpoint_hash")
             self.train_seconds = info.get("train_seconds")
         else:
-            self.method = create_method(method, dim=self.backbone.dim)
+            self.method = create_method(method, dim=self.backbone.dim,
+                                        **method_class(method).config_for_backbone(self.backbone))
+        self.levels = type(self.method).feature_levels(self.backbone)  # empty: the default grid
+        if self.levels:
+            self._check_level_shapes()
         if hasattr(self.method, "eval"):
             self.method.eval()
         # The method's own settings (its config, and how it was trained), apart from the
@@ -155,13 +159,48 @@ class Evaluator:
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
 
+    def _check_level_shapes(self) -> None:
+        """A multi-level checkpoint must have been trained for this backbone's levels."""
+        expected = type(self.method).config_for_backbone(self.backbone)
+        for key, value in expected.items():
+            if key in self.method.config and self.method.config[key] != value:
+                raise NaglError(f"method {self.method_name!r} ({self.source}) was built for {key} = "
+                                f"{self.method.config[key]}, but backbone {self.config.backbone!r} at "
+                                f"image_size {self.config.image_size} gives {value}; retrain it for this backbone")
+
     # -- features and masks ------------------------------------------------------------
-    def _features(self, rows: pd.DataFrame) -> torch.Tensor:
+    def _features(self, rows: pd.DataFrame) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The default grid ``(n, G, C)``, or for a multi-level method ``{level: (n, G_l, C_l)}``."""
         if rows.empty:
+            if self.levels:
+                return {name: torch.zeros(0, *self.backbone.level_shape(name)) for name in self.levels}
             return torch.zeros(0, self.backbone.grid[0] * self.backbone.grid[1], self.backbone.dim)
         self.cache.ensure([self.root / p for p in rows["image_path"]], list(rows["image_sha256"]),
-                          progress=False)
+                          progress=False, levels=self.levels)
+        if self.levels:
+            return self.cache.load_levels(list(rows["image_sha256"]), self.levels)
         return self.cache.load(list(rows["image_sha256"]))
+
+    def _score(self, query, normal, abnormal, masks, category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(patch_maps, image_scores or None)`` of one batch of queries."""
+        if not self.levels:
+            return self.method.score(query, normal, abnormal, masks, self.backbone.grid), None
+        grids = {name: self.backbone.levels[name][0] for name in self.levels if name in self.backbone.levels}
+        out = self.method.score(query, normal, abnormal, masks, grids, category=category)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def shot_settings(self) -> list[tuple[int, int]]:
+        """The config's shot settings this method is evaluated in: all of them, or for a method
+        that uses no abnormal references only those with ``k_abnormal = 0``."""
+        settings = self.config.shots.settings()
+        if self.method.uses_abnormal_refs:
+            return settings
+        kept = [(kn, ka) for kn, ka in settings if ka == 0]
+        if not kept:
+            raise NaglError(f"method {self.method_name!r} uses normal references only: the config's shots need "
+                            f"k_abnormal 0 and a k_normal >= 1 (shots.k_normal {list(self.config.shots.k_normal)}, "
+                            f"shots.k_abnormal {list(self.config.shots.k_abnormal)})")
+        return kept
 
     def _masks(self, rows: pd.DataFrame, size: int) -> np.ndarray:
         return np.stack([load_mask(self.root / p if isinstance(p, str) else None, size)
@@ -173,9 +212,10 @@ class Evaluator:
         folders = []
         categories = sorted(self.manifest["category"].unique())
         gallery_category = categories[0]
-        settings = self.config.shots.settings()
+        settings = self.shot_settings()
         max_kn = max(self.config.shots.k_normal)
         max_ka = max(self.config.shots.k_abnormal)
+        gallery_setting = (max(kn for kn, _ in settings), max(ka for _, ka in settings))
         gallery_seed = min(self.config.seeds)
         for category in categories:
             for seed in sorted(self.config.seeds):
@@ -188,7 +228,7 @@ class Evaluator:
                     continue
                 split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
                 self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
-                                     gallery_setting=(max_kn, max_ka))
+                                     gallery_setting=gallery_setting)
         return folders
 
     def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
@@ -204,21 +244,36 @@ class Evaluator:
         query_masks = self._masks(queries, resolution) if self.has_masks else None
         split_json = split.to_json()
         for key in keys:
+            if not self.method.uses_abnormal_refs and key.k_normal == 0:
+                raise NaglError(f"method {self.method_name!r} uses normal references only; k_normal = 0 "
+                                f"cannot be scored (cell {key})")
             start = time.perf_counter()
             masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
-            patch_maps = []
+            patch_maps, image_parts = [], []
             with torch.no_grad():
                 for begin in range(0, len(queries), QUERY_BATCH):
-                    patch_maps.append(self.method.score(
-                        query_features[begin:begin + QUERY_BATCH], normal_features[:key.k_normal],
-                        abnormal_features[:key.k_abnormal], masks, self.backbone.grid))
+                    patch, image = self._score(
+                        _rows(query_features, begin, begin + QUERY_BATCH), _rows(normal_features, 0, key.k_normal),
+                        _rows(abnormal_features, 0, key.k_abnormal), masks, split.category)
+                    patch_maps.append(patch)
+                    image_parts.append(image)
             patch_map = torch.cat(patch_maps)
             n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
-            scores = image_scores(patch_map).numpy().astype(np.float64)
+            pixel_maps = None
+            if all(part is not None for part in image_parts):
+                image_score = torch.cat(image_parts)
+            else:
+                if self.method.image_scores_need_pixels:
+                    pixel_maps = anomaly_maps(patch_map, resolution)
+                with torch.no_grad():
+                    image_score = self.method.image_scores(patch_map, pixel_maps)
+            scores = image_score.numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start
             in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
-            maps = anomaly_maps(patch_map, resolution).numpy() if self.has_masks or in_gallery else None
+            maps = None
+            if self.has_masks or in_gallery:
+                maps = (pixel_maps if pixel_maps is not None else anomaly_maps(patch_map, resolution)).numpy()
             metrics = {"image": image_metrics(labels, scores),
                        "pixel": (pixel_metrics(query_masks, maps) if self.has_masks
                                  else {"auroc": None, "ap": None, "f1max": None, "aupro": None})}
@@ -250,6 +305,13 @@ class Evaluator:
             "images_per_second": n_queries / max(score_seconds, 1e-9),
             "created_at": now_utc(),
         }
+
+
+def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int):
+    """Rows ``begin:end`` of a features tensor, or of every level of a dict of levels."""
+    if isinstance(features, dict):
+        return {name: tensor[begin:end] for name, tensor in features.items()}
+    return features[begin:end]
 
 
 def evaluate_job(config: RunConfig, method: str, source: str, target: str) -> list[str]:

@@ -31,24 +31,27 @@ def step_features(
     out: Path = typer.Option(..., help="summary JSON to write when done"),
     threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
-    """Compute the patch features of every image of DATASET into the feature cache."""
+    """Compute the patch features of every image of DATASET into the feature cache: the default
+    grid, and the union of the levels the config's methods read."""
     from nagl.config import read_effective_config
     from nagl.data.layout import read_manifest
     from nagl.data.prepare import dataset_path
     from nagl.evaluate import feature_cache
     from nagl.io import atomic_write_json
+    from nagl.methods import feature_levels
     from nagl.models.backbones import create_backbone
 
     _threads(threads)
     settings = read_effective_config(config)
     backbone = create_backbone(settings.backbone, settings.image_size)
+    levels = feature_levels(settings.methods, backbone)
     manifest = read_manifest(dataset_path(dataset))
     cache = feature_cache(backbone)
     start = time.perf_counter()
     computed = cache.ensure([dataset_path(dataset) / p for p in manifest["image_path"]],
-                            list(manifest["image_sha256"]))
+                            list(manifest["image_sha256"]), levels=levels)
     seconds = time.perf_counter() - start
-    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity,
+    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity, "levels": list(levels),
                             "images": len(manifest), "computed": computed, "seconds": seconds,
                             "images_per_second": computed / seconds if computed else None})
 

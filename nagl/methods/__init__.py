@@ -16,6 +16,7 @@ from nagl.methods.base import Method, TrainableMethod, anomaly_maps, image_score
 from nagl.methods.registry import (
     METHODS,
     create_method,
+    feature_levels,
     is_trainable,
     list_methods,
     load_method,
@@ -26,5 +27,5 @@ from nagl.methods.registry import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Method", "TrainableMethod", "anomaly_maps", "create_method", "image_scores",
+__all__ = ["METHODS", "Method", "TrainableMethod", "anomaly_maps", "create_method", "feature_levels", "image_scores",
            "is_trainable", "list_methods", "load_method", "method_class", "register_method"]

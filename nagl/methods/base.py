@@ -304,6 +304,15 @@ class Method(ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool]
+    # Which features the method reads. None: the backbone's single default grid, as tensors.
+    # Otherwise the name of a backbone level group (``"patch"``, ``"pyramid"``): ``score``
+    # then gets dicts ``{level: (n, G_l, C_l)}``, per-level grids and ``category=``.
+    level_group: ClassVar[str | None] = None
+    needs_embed: ClassVar[bool] = False  # also the global image embedding, key "embed" -> (n, D)
+    # False: evaluated only in k_abnormal = 0 cells (and k_normal = 0 is an error).
+    uses_abnormal_refs: ClassVar[bool] = True
+    # True: the harness computes the pixel maps before calling ``image_scores``.
+    image_scores_need_pixels: ClassVar[bool] = False
 
     def __init__(self, dim: int, **config: Any):
         if int(dim) <= 0:
@@ -315,7 +324,42 @@ class Method(ABC):
     def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
               abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
               grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Patch anomaly maps ``(Q, h, w)`` of the queries given the references."""
+        """Patch anomaly maps ``(Q, h, w)`` of the queries given the references.
+
+        A multi-level method (``level_group`` set) is called as ``score(query, normal,
+        abnormal, abnormal_masks, grid, category=...)`` with dicts of levels and a dict of
+        grids, and may return ``(patch_maps, image_scores (Q,))``.
+        """
+
+    def image_scores(self, patch_maps: torch.Tensor, pixel_maps: torch.Tensor | None = None) -> torch.Tensor:
+        """Image score per query ``(Q,)``; default the top-1 % mean of the patch map (pixel maps unused)."""
+        return image_scores(patch_maps)
+
+    @classmethod
+    def feature_levels(cls, backbone: Any) -> tuple[str, ...]:
+        """The cached levels the method reads on ``backbone`` (empty: the default grid only)."""
+        if cls.level_group is None:
+            return ()
+        names = backbone.group_levels(cls.level_group)
+        if cls.needs_embed:
+            if backbone.embed_dim is None:
+                raise NaglError(f"method {cls.name!r} needs an image embedding; backbone {backbone.name!r} "
+                                f"has none: choose another backbone")
+            names = (*names, "embed")
+        return tuple(names)
+
+    @classmethod
+    def config_for_backbone(cls, backbone: Any) -> dict[str, Any]:
+        """Settings derived from the backbone, passed to the constructor with the user's.
+
+        For a multi-level method: ``{"levels": {name: [h, w, C]}, "embed_dim": D or None}``,
+        so its checkpoint records the shapes it was trained for.
+        """
+        if cls.level_group is None:
+            return {}
+        levels = {name: [*backbone.levels[name][0], backbone.levels[name][1]]
+                  for name in cls.feature_levels(backbone) if name != "embed"}
+        return {"levels": levels, "embed_dim": backbone.embed_dim if cls.needs_embed else None}
 
     def parameter_counts(self) -> tuple[int, int]:
         """``(total, trainable)`` parameters of the head (the backbone not included)."""
@@ -382,6 +426,25 @@ class TrainableMethod(Method):
     def training_settings(self) -> dict[str, Any]:
         """The method's training hyper-parameters, recorded with the checkpoint."""
         return {}
+
+    # -- hooks of the loop; the defaults are NAGL's training ----------------------------
+    def configure_optimisers(self, schedule: Any) -> list[torch.optim.Optimizer]:
+        """The optimisers (the loop puts a MultiStepLR of the schedule on each): one AdamW."""
+        return [torch.optim.AdamW(self.trainable_module().parameters(), lr=schedule.lr,
+                                  weight_decay=schedule.weight_decay)]
+
+    def training_step(self, batch: EpisodeBatch, optimisers: Sequence[torch.optim.Optimizer]) -> float:
+        """One optimisation step on ``batch``; returns the loss. Default: :meth:`loss`, backward, step."""
+        loss, _ = self.loss(batch)
+        for optimiser in optimisers:
+            optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for optimiser in optimisers:
+            optimiser.step()
+        return float(loss.detach())
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each training epoch (1-based) of ``epochs``."""
 
 
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:

@@ -7,6 +7,7 @@ method file is all it takes for the method to be known.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,8 @@ def load_method(path: str | Path) -> Method:
     elif method.trainable:
         raise NaglError(f"checkpoint {weights} is missing; {info['method']} needs its trained weights")
     return method
+
+
+def feature_levels(methods: Sequence[str], backbone: Any) -> tuple[str, ...]:
+    """The union of the cached levels the ``methods`` read on ``backbone`` (empty: the default grid only)."""
+    return tuple(dict.fromkeys(level for name in methods for level in method_class(name).feature_levels(backbone)))

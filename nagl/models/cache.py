@@ -3,7 +3,10 @@
 A key space is one (backbone identity, preprocessing) pair; it lives in
 ``root/<hash of the pair>/`` with a ``keyspace.json`` describing it. Inside, the
 features of one image are ``<sha[:2]>/<sha>.npy``: a ``(G, C)`` float16 array,
-where ``sha`` is the sha256 of the image file. A backbone with other weights, size,
+where ``sha`` is the sha256 of the image file. A named level of the backbone (for
+multi-level methods) is ``<sha>.<level>.npy`` beside it (``(G_l, C_l)``; the
+embedding ``<sha>.embed.npy``, ``(D,)``); a level that is a channel range of the
+default grid is read from ``<sha>.npy`` and never stored twice. A backbone with other weights, size,
 layers or preprocessing gets another key space, so nothing stale is ever read.
 
 Every file is written under a temporary name and renamed into place, so two
@@ -26,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nagl.data.images import load_rgb
 from nagl.errors import NaglError
 from nagl.io import atomic_path, atomic_write_json, read_json, sha256_file, stable_hash
-from nagl.models.backbones import Backbone
+from nagl.models.backbones import DEFAULT_LEVEL, Backbone
 from nagl.settings import cache_dir
 
 KEYSPACE_FILE = "keyspace.json"
@@ -51,7 +54,7 @@ def _directory_bytes(path: Path) -> tuple[int, int]:
     for item in path.rglob("*"):
         if item.is_file():
             total += item.stat().st_size
-            files += item.suffix == ".npy"
+            files += item.suffix == ".npy" and "." not in item.stem  # images, not their extra levels
     return files, total
 
 
@@ -65,37 +68,52 @@ class FeatureCache:
         self.directory = self.root / stable_hash(self.key)
         self.shape = (backbone.grid[0] * backbone.grid[1], backbone.dim)
 
-    def path(self, sha256: str) -> Path:
+    def path(self, sha256: str, level: str = DEFAULT_LEVEL) -> Path:
+        """The file of one image's default grid, or of its stored level ``level``."""
         sha256 = _check_sha(sha256)
-        return self.directory / sha256[:2] / f"{sha256}.npy"
+        suffix = "" if level == DEFAULT_LEVEL else f".{level}"
+        return self.directory / sha256[:2] / f"{sha256}{suffix}.npy"
 
-    def contains(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+    def contains(self, sha256: str, level: str = DEFAULT_LEVEL) -> bool:
+        return self.path(sha256, level).is_file()
 
-    def missing(self, sha256s: Sequence[str]) -> list[str]:
-        """The distinct hashes among ``sha256s`` that have no features yet, in order."""
-        return [sha for sha in dict.fromkeys(sha256s) if not self.contains(sha)]
+    def missing(self, sha256s: Sequence[str], levels: Sequence[str] = ()) -> list[str]:
+        """The distinct hashes among ``sha256s`` that lack the default grid or one of ``levels``, in order."""
+        files = self._files(levels)
+        return [sha for sha in dict.fromkeys(sha256s) if not all(self.contains(sha, f) for f in files)]
+
+    def _files(self, levels: Sequence[str]) -> list[str]:
+        """The arrays stored per image for ``levels``: the default grid, then each level not sliced from it."""
+        for name in levels:
+            self.backbone.level_shape(name)  # a clear error for a level the backbone lacks
+        slices = self.backbone.default_slices
+        return list(dict.fromkeys([DEFAULT_LEVEL, *(n for n in levels if n not in slices)]))
 
     def size_bytes(self) -> int:
         """Disk space used by this key space."""
         return _directory_bytes(self.directory)[1] if self.directory.exists() else 0
 
     def ensure(self, paths: Sequence[str | Path], sha256s: Sequence[str], batch_size: int = 16,
-               progress: bool = True) -> int:
+               progress: bool = True, levels: Sequence[str] = ()) -> int:
         """Compute and store the features of the images not cached yet; return how many.
 
         ``sha256s[i]`` must be the sha256 of the file ``paths[i]`` (checked for the
-        images that are computed). An image listed twice is computed once.
+        images that are computed). An image listed twice is computed once. ``levels``:
+        named levels of the backbone to store as well (``"embed"`` included); whatever
+        an image lacks is computed in one backbone pass.
         """
         if len(paths) != len(sha256s):
             raise NaglError(f"FeatureCache.ensure: {len(paths)} paths but {len(sha256s)} sha256 values; "
                             f"pass one hash per image")
         if batch_size < 1:
             raise NaglError(f"batch_size must be at least 1, got {batch_size}")
-        todo: dict[str, Path] = {}
+        files = self._files(levels)
+        todo: dict[str, tuple[Path, list[str]]] = {}
         for path, sha in zip(paths, sha256s, strict=False):
-            if sha not in todo and not self.contains(sha):
-                todo[sha] = Path(path)
+            if sha not in todo:
+                absent = [f for f in files if not self.contains(sha, f)]
+                if absent:
+                    todo[sha] = (Path(path), absent)
         if not todo:
             return 0
         self._write_keyspace()
@@ -105,27 +123,57 @@ class FeatureCache:
             task = bar.add_task(f"features {self.backbone.name}", total=len(items))
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                batch = torch.stack([self.backbone.preprocess(self._read(path, sha)) for sha, path in chunk])
-                features = self.backbone(batch).numpy().astype(np.float16)
-                if not np.isfinite(features).all():
-                    raise RuntimeError(f"backbone {self.backbone.identity} gave features that do not fit "
-                                       f"in float16 for images {[str(path) for _, path in chunk]}")
-                for (sha, _), array in zip(chunk, features, strict=False):
-                    self._write(sha, array)
+                batch = torch.stack([self.backbone.preprocess(self._read(path, sha)) for sha, (path, _) in chunk])
+                needed = list(dict.fromkeys(f for _, (_, absent) in chunk for f in absent))
+                if needed == [DEFAULT_LEVEL]:
+                    computed = {DEFAULT_LEVEL: self.backbone(batch)}  # the single-grid path, as ever
+                else:
+                    computed = self.backbone.extract_levels(batch, needed)
+                arrays = {name: tensor.numpy().astype(np.float16) for name, tensor in computed.items()}
+                for name, array in arrays.items():
+                    if not np.isfinite(array).all():
+                        raise RuntimeError(f"backbone {self.backbone.identity} gave features (level {name}) that "
+                                           f"do not fit in float16 for images {[str(p) for _, (p, _) in chunk]}")
+                for index, (sha, (_, absent)) in enumerate(chunk):
+                    for name in absent:
+                        self._write(sha, arrays[name][index], name)
                 bar.advance(task, len(chunk))
         return len(items)
 
     def load(self, sha256s: Sequence[str]) -> torch.Tensor:
         """Cached features as a float32 tensor ``(N, G, C)``, in the order of ``sha256s``."""
-        absent = self.missing(sha256s)
-        if absent:
-            raise NaglError(f"{len(absent)} of {len(sha256s)} images have no cached features for backbone "
-                            f"{self.backbone.identity} in {self.directory} (first: {absent[0]}); compute "
-                            f"them first with FeatureCache.ensure (the feature-extraction step)")
+        self._check_cached(sha256s, ())
         out = torch.empty((len(sha256s), *self.shape), dtype=torch.float32)
         for index, sha in enumerate(sha256s):
             out[index] = torch.from_numpy(self._read_array(self.path(sha)))
         return out
+
+    def load_levels(self, sha256s: Sequence[str], names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Cached levels ``{name: (N, G_l, C_l)}`` (``"embed"``: ``(N, D)``), in the order of ``sha256s``."""
+        names = list(dict.fromkeys(names))
+        self._check_cached(sha256s, names)
+        slices = self.backbone.default_slices
+        out = {name: torch.empty((len(sha256s), *self.backbone.level_shape(name)), dtype=torch.float32)
+               for name in names}
+        for index, sha in enumerate(sha256s):
+            default = None
+            for name in names:
+                if name in slices:
+                    if default is None:
+                        default = self._read_array(self.path(sha))
+                    begin, end = slices[name]
+                    out[name][index] = torch.from_numpy(default[:, begin:end])
+                else:
+                    out[name][index] = torch.from_numpy(self._read_array(self.path(sha, name), name))
+        return out
+
+    def _check_cached(self, sha256s: Sequence[str], levels: Sequence[str]) -> None:
+        absent = self.missing(sha256s, levels)
+        if absent:
+            what = f" (levels {', '.join(levels)})" if levels else ""
+            raise NaglError(f"{len(absent)} of {len(sha256s)} images have no cached features{what} for backbone "
+                            f"{self.backbone.identity} in {self.directory} (first: {absent[0]}); compute "
+                            f"them first with FeatureCache.ensure (the feature-extraction step)")
 
     def _read(self, path: Path, sha: str) -> np.ndarray:
         if not path.is_file():
@@ -136,19 +184,20 @@ class FeatureCache:
                             f"changed after its manifest was written: re-run `nagl datasets prepare`")
         return load_rgb(path)
 
-    def _read_array(self, path: Path) -> np.ndarray:
+    def _read_array(self, path: Path, level: str = DEFAULT_LEVEL) -> np.ndarray:
+        expected = self.shape if level == DEFAULT_LEVEL else self.backbone.level_shape(level)
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
             raise NaglError(f"cached features {path} are unreadable ({error}); delete the file "
                             f"(or run `nagl cache clear`) and compute again") from error
-        if array.shape != self.shape:
-            raise NaglError(f"cached features {path} have shape {array.shape}, expected {self.shape}; "
+        if array.shape != tuple(expected):
+            raise NaglError(f"cached features {path} have shape {array.shape}, expected {tuple(expected)}; "
                             f"delete the file (or run `nagl cache clear`) and compute again")
         return array.astype(np.float32)
 
-    def _write(self, sha: str, array: np.ndarray) -> None:
-        with atomic_path(self.path(sha)) as tmp:
+    def _write(self, sha: str, array: np.ndarray, level: str = DEFAULT_LEVEL) -> None:
+        with atomic_path(self.path(sha, level)) as tmp:
             with open(tmp, "wb") as handle:  # a handle, so np.save adds no ".npy" to the name
                 np.save(handle, array, allow_pickle=False)
 
@@ -163,7 +212,8 @@ class FeatureCache:
                 "grid": list(backbone.grid),
                 "dim": backbone.dim,
                 "dtype": "float16",
-                "layout": "<sha256[:2]>/<sha256>.npy, one (G, C) array per image",
+                "layout": "<sha256[:2]>/<sha256>.npy, one (G, C) array per image; "
+                          "<sha256>.<level>.npy per named level",
             })
 
 

@@ -24,12 +24,23 @@ class BatchSpec:
     need a mask (anomalies without one are not used). ``None``: the loss reads no
     masks, and every anomaly can serve. ``abnormal_query_rate``: probability that an
     episode's query is abnormal.
+
+    Multi-level methods: ``level_group`` names the backbone level group the loss reads
+    (:meth:`EpisodeBatch.query_levels`), ``needs_embed`` adds the image embedding.
+    ``balanced``: each batch is exactly half abnormal queries (the rest normal), drawn
+    from each label's pool of source images in a seeded permutation, cycled; the
+    query's references come from its own category. ``normal_only_epochs``: the first
+    epochs draw normal queries only.
     """
 
     normal_shots: tuple[int, ...]
     abnormal_shots: tuple[int, ...]
     mask_size: int | None = None
     abnormal_query_rate: float = 0.5
+    level_group: str | None = None
+    needs_embed: bool = False
+    balanced: bool = False
+    normal_only_epochs: int = 0
 
     @property
     def needs_masks(self) -> bool:
@@ -54,6 +65,8 @@ class Features(Protocol):
     grid: tuple[int, int]
 
     def features(self, rows: Sequence[int]) -> torch.Tensor: ...
+
+    def levels(self, rows: Sequence[int]) -> dict[str, torch.Tensor]: ...
 
     def mask(self, row: int) -> torch.Tensor: ...
 
@@ -95,3 +108,19 @@ class EpisodeBatch:
     def query_masks(self) -> torch.Tensor:
         """``(B, S, S)`` bool query masks (all False for a normal query)."""
         return torch.stack([self.store.mask(e.query) for e in self.episodes])
+
+    def categories(self) -> list[str]:
+        """The category of each episode (its query's)."""
+        return [e.category for e in self.episodes]
+
+    def query_levels(self) -> dict[str, torch.Tensor]:
+        """``{level: (B, G_l, C_l)}`` of the queries (``"embed"``: ``(B, D)``), the levels the method reads."""
+        return self.store.levels([e.query for e in self.episodes])
+
+    def normal_levels(self, i: int) -> dict[str, torch.Tensor]:
+        """``{level: (k1, G_l, C_l)}`` of episode ``i``'s normal references."""
+        return self.store.levels(list(self.episodes[i].normal))
+
+    def abnormal_levels(self, i: int) -> dict[str, torch.Tensor]:
+        """``{level: (k2, G_l, C_l)}`` of episode ``i``'s abnormal references."""
+        return self.store.levels(list(self.episodes[i].abnormal))

@@ -13,7 +13,7 @@ held out from the SOURCE dataset. Nothing from a target dataset is ever read her
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,8 @@ from nagl.methods.base import infer_grid
 from nagl.training.batch import BatchSpec, Episode
 
 FeatureLookup = Mapping[str, torch.Tensor] | Callable[[Sequence[str]], torch.Tensor]
+# (sha256s, level names) -> {level: (N, G_l, C_l)}, e.g. ``FeatureCache.load_levels``
+LevelLookup = Callable[[Sequence[str], Sequence[str]], Mapping[str, torch.Tensor]]
 
 POOLED = "(pooled defects)"
 
@@ -115,6 +117,63 @@ def draw_episode(pool: SourcePool, rng: np.random.Generator, spec: BatchSpec) ->
     return Episode(category, int(query), label, tuple(normal), tuple(abnormal), defect)
 
 
+class BalancedSampler:
+    """Episodes for balanced batches (``BatchSpec.balanced``): half of each batch abnormal queries.
+
+    Each label's queries (every normal, every usable anomaly of the pool) are taken in a
+    seeded permutation, cycled; the query's references come from its own category
+    (normal ones from its normals, abnormal ones from a defect type: the query's, or for
+    a normal query one drawn at random), never the query itself.
+    """
+
+    def __init__(self, pool: SourcePool, rng: np.random.Generator):
+        self.pool, self.rng = pool, rng
+        categories = pool.categories()
+        self.queries = {
+            0: [(c, i, "") for c in categories for i in pool.normals[c]],
+            1: [(c, i, d) for c in categories for d in sorted(pool.anomalies[c]) for i in pool.anomalies[c][d]],
+        }
+        self.order: dict[int, list[int]] = {0: [], 1: []}
+
+    def _next(self, label: int) -> tuple[str, int, str]:
+        if not self.order[label]:
+            self.order[label] = [int(i) for i in self.rng.permutation(len(self.queries[label]))][::-1]
+        return self.queries[label][self.order[label].pop()]
+
+    def batch(self, size: int, spec: BatchSpec, normal_only: bool = False) -> list[Episode]:
+        abnormal = 0 if normal_only else size // 2
+        return [self._episode(label, spec) for label in [0] * (size - abnormal) + [1] * abnormal]
+
+    def _episode(self, label: int, spec: BatchSpec) -> Episode:
+        category, query, defect = self._next(label)
+        rng = self.rng
+        k1 = int(spec.normal_shots[rng.integers(len(spec.normal_shots))])
+        k2 = int(spec.abnormal_shots[rng.integers(len(spec.abnormal_shots))])
+        if not defect:
+            defects = sorted(self.pool.anomalies[category])
+            defect = defects[rng.integers(len(defects))]
+        normals = [i for i in self.pool.normals[category] if i != query]
+        anomalies = [i for i in self.pool.anomalies[category][defect] if i != query]
+        normal = [normals[i] for i in rng.choice(len(normals), size=k1, replace=False)]
+        abnormal = [anomalies[i] for i in rng.choice(len(anomalies), size=k2, replace=False)]
+        return Episode(category, int(query), label, tuple(normal), tuple(abnormal), defect)
+
+
+def draw_batch(pool: SourcePool, rng: np.random.Generator, spec: BatchSpec, size: int, epoch: int,
+               sampler: BalancedSampler | None = None) -> list[Episode]:
+    """One training batch of ``size`` episodes at ``epoch`` (1-based), as ``spec`` asks:
+    :func:`draw_episode` each, or a balanced batch from ``sampler``; normal queries only
+    in the first ``spec.normal_only_epochs`` epochs."""
+    normal_only = epoch <= spec.normal_only_epochs
+    if spec.balanced:
+        if sampler is None:
+            raise ValueError("a balanced BatchSpec needs a BalancedSampler")
+        return sampler.batch(size, spec, normal_only)
+    if normal_only:
+        spec = replace(spec, abnormal_query_rate=0.0)
+    return [draw_episode(pool, rng, spec) for _ in range(size)]
+
+
 def validation_episodes(train: SourcePool, val: SourcePool, spec: BatchSpec, count: int,
                         seed: int) -> list[Episode]:
     """A fixed list of (at most ``count``) episodes whose queries are held-out source images and whose
@@ -151,10 +210,13 @@ class FeatureStore:
 
     def __init__(self, items: pd.DataFrame, dataset_dir: Path, lookup: FeatureLookup,
                  grid: tuple[int, int] | None, mask_size: int | None = None,
-                 max_bytes: int = 4 << 30):
+                 max_bytes: int = 4 << 30, level_lookup: LevelLookup | None = None,
+                 level_names: Sequence[str] = ()):
         self.items, self.dir, self.lookup = items, Path(dataset_dir), lookup
         self.mask_size, self.max_bytes, self.used = mask_size, max_bytes, 0
+        self.level_lookup, self.level_names = level_lookup, tuple(level_names)
         self._features: dict[int, torch.Tensor] = {}
+        self._levels: dict[int, dict[str, torch.Tensor]] = {}
         self._masks: dict[int, torch.Tensor] = {}
         first = self.features([int(items.index[0])])
         self.grid = infer_grid(first.shape[1], grid)
@@ -183,6 +245,27 @@ class FeatureStore:
                     self._features[row] = tensor
                     self.used += tensor.numel() * 4
         return torch.stack([self._features[r] if r in self._features else fetched[r] for r in rows])
+
+    def levels(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``{level: (len(rows), G_l, C_l)}`` of manifest rows, for the levels the method reads."""
+        if self.level_lookup is None or not self.level_names:
+            raise NaglError("the method reads feature levels, but the training data has none; train it through "
+                            "train_source / train_on_source with the backbone's levels (method class level_group)")
+        missing = [r for r in dict.fromkeys(rows) if r not in self._levels]
+        fetched: dict[int, dict[str, torch.Tensor]] = {}
+        if missing or not rows:
+            loaded = self.level_lookup([str(self.items.at[r, "image_sha256"]) for r in missing], self.level_names)
+            if not rows:
+                return {name: torch.as_tensor(loaded[name], dtype=torch.float32) for name in self.level_names}
+            for index, row in enumerate(missing):
+                levels = {name: torch.as_tensor(loaded[name][index], dtype=torch.float32) for name in self.level_names}
+                fetched[row] = levels
+                size = sum(t.numel() * 4 for t in levels.values())
+                if self.used + size <= self.max_bytes:
+                    self._levels[row] = levels
+                    self.used += size
+        per_row = [self._levels[r] if r in self._levels else fetched[r] for r in rows]
+        return {name: torch.stack([levels[name] for levels in per_row]) for name in self.level_names}
 
     def mask(self, row: int) -> torch.Tensor:
         """The pixel mask at ``mask_size`` (all False for normal images)."""

@@ -28,7 +28,15 @@ from nagl.io import sha256_file, stable_hash
 from nagl.methods import TrainableMethod, create_method, method_class
 from nagl.provenance import now_utc, package_versions
 from nagl.training.batch import Episode, EpisodeBatch
-from nagl.training.episodes import FeatureLookup, FeatureStore, draw_episode, split_source, validation_episodes
+from nagl.training.episodes import (
+    BalancedSampler,
+    FeatureLookup,
+    FeatureStore,
+    LevelLookup,
+    draw_batch,
+    split_source,
+    validation_episodes,
+)
 from nagl.training.schedule import Schedule, schedule_for
 
 
@@ -93,7 +101,8 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                     backbone: str | None = None, backbone_parameters: int = 0,
                     categories: Sequence[str] | None = None,
                     on_epoch: Callable[[int, TrainableMethod], None] | None = None,
-                    progress: bool = True) -> TrainResult:
+                    progress: bool = True, extractor: Any = None,
+                    level_lookup: LevelLookup | None = None) -> TrainResult:
     """Train ``method`` on the source dataset at ``dataset_dir`` from cached features.
 
     ``features`` maps image sha256 -> ``(G, C)`` features (a dict), or is a callable
@@ -104,9 +113,22 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     ``categories``: train on these categories of the source only (e.g. to hold one
     out). ``on_epoch(epoch, method)`` is called before training (epoch 0) and after
     every epoch, with the model in eval mode (for studies that score every epoch).
+
+    A multi-level method (its class sets ``level_group``) also needs ``extractor`` (the
+    backbone, for its level shapes: ``config_for_backbone``) and ``level_lookup``
+    ``(sha256s, names) -> {level: (N, G_l, C_l)}`` such as ``FeatureCache.load_levels``.
     """
     _check_trainable(method)
-    schedule = schedule_for(profile, **dict(overrides or {}))
+    schedule = schedule_for(profile, method=method, **dict(overrides or {}))
+    cls = method_class(method)
+    level_names: tuple[str, ...] = ()
+    backbone_config: dict[str, Any] = {}
+    if cls.level_group is not None:
+        if extractor is None or level_lookup is None:
+            raise NaglError(f"method {method!r} reads feature levels ({cls.level_group!r}): pass the backbone "
+                            f"(extractor=) and a level lookup (level_lookup=), or train it with train_source")
+        level_names = cls.feature_levels(extractor)
+        backbone_config = cls.config_for_backbone(extractor)
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if categories is not None:
@@ -118,8 +140,8 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     manifest = manifest.reset_index(drop=True)
     source = str(manifest["dataset"].iloc[0]) if len(manifest) else dataset_dir.name
 
-    store = FeatureStore(manifest, dataset_dir, features, grid)
-    model = create_method(method, store.dim, **dict(method_settings or {}), seed=seed)
+    store = FeatureStore(manifest, dataset_dir, features, grid, level_lookup=level_lookup, level_names=level_names)
+    model = create_method(method, store.dim, **backbone_config, **dict(method_settings or {}), seed=seed)
     assert isinstance(model, TrainableMethod), f"{method} is trainable but not a TrainableMethod"
     spec = model.batch_spec(schedule.normal_shots, schedule.abnormal_shots)
     store.mask_size = spec.mask_size  # the masks the method's loss reads
@@ -137,9 +159,11 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                         f"val_fraction={schedule.val_fraction}; set select to 'last' or use a larger source")
 
     module = model.trainable_module()
-    optimiser = torch.optim.AdamW(module.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, list(schedule.milestones), schedule.gamma)
+    optimisers = model.configure_optimisers(schedule)
+    lr_schedules = [torch.optim.lr_scheduler.MultiStepLR(optimiser, list(schedule.milestones), schedule.gamma)
+                    for optimiser in optimisers]
     rng = np.random.default_rng(int(stable_hash([seed, "train-episodes"]), 16))
+    sampler = BalancedSampler(train_pool, rng) if spec.balanced else None
     steps = math.ceil(schedule.episodes / schedule.batch)
 
     start = time.perf_counter()
@@ -154,19 +178,17 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     with _progress(progress) as bar:
         task = bar.add_task("train", total=schedule.epochs * steps, info="")
         for epoch in range(1, schedule.epochs + 1):
+            model.start_epoch(epoch, schedule.epochs)
             module.train()
             losses = []
             for step in range(steps):
                 size = min(schedule.batch, schedule.episodes - step * schedule.batch)
-                episodes = [draw_episode(train_pool, rng, spec) for _ in range(size)]
-                loss, _ = model.loss(EpisodeBatch(episodes, store))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                losses.append(float(loss.detach()))
+                episodes = draw_batch(train_pool, rng, spec, size, epoch, sampler)
+                losses.append(model.training_step(EpisodeBatch(episodes, store), optimisers))
                 bar.update(task, advance=1, info=f"epoch {epoch}/{schedule.epochs} loss {np.mean(losses):.4f}")
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimiser.param_groups[0]["lr"]}
-            lr_schedule.step()
+            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimisers[0].param_groups[0]["lr"]}
+            for lr_schedule in lr_schedules:
+                lr_schedule.step()
             if val_eps:
                 row.update(_prefixed(validation_score(model, val_eps, store, schedule.batch)))
                 if schedule.select == "best" and row["val_loss"] < best_loss:
@@ -234,19 +256,21 @@ def train_source(method: str, source: str, *, backbone: str = "effnet-lite0", im
     from nagl.settings import results_dir
 
     _check_trainable(method)
-    schedule_for(profile, **dict(overrides or {}))  # fail on bad settings before any feature work
+    schedule_for(profile, method=method, **dict(overrides or {}))  # fail on bad settings before any feature work
     dataset_dir = dataset_path(source)
     manifest = read_manifest(dataset_dir)
     extractor = create_backbone(backbone, image_size)
+    levels = method_class(method).feature_levels(extractor)
     cache = FeatureCache(default_root(), extractor)
     cache.ensure([dataset_dir / p for p in manifest["image_path"]], list(manifest["image_sha256"]),
-                 progress=progress)
+                 progress=progress, levels=levels)
     out_dir = Path(out_dir) if out_dir else model_dir(results_dir(), method, backbone, source)
     return train_on_source(dataset_dir, cache.load, backbone_identity=extractor.identity, method=method,
                            profile=profile, seed=seed, grid=extractor.grid, overrides=overrides,
                            out_dir=out_dir, source_hash=dataset_content_hash(source), backbone=backbone,
-                           backbone_parameters=sum(p.numel() for p in extractor.parameters()),
-                           progress=progress)
+                           backbone_parameters=extractor.parameter_count(levels),
+                           progress=progress, extractor=extractor,
+                           level_lookup=cache.load_levels if levels else None)
 
 
 def train_from_config(config: RunConfig, method: str, source: str, out_dir: str | Path) -> TrainResult:

@@ -1,7 +1,9 @@
 """Training schedules: how long and how a method is trained, and which epoch is kept.
 
-The schedule is method-independent; a method's own hyper-parameters (losses, head
-size) live with the method in ``nagl/methods/<name>.py``.
+The generic profiles below serve every method; a method may register its own
+schedule for a profile name (``register_profile(method, name, Schedule)``, next to
+its class), which :func:`schedule_for` then prefers. A method's own hyper-parameters
+(losses, head size) live with the method in ``nagl/methods/<name>.py``.
 """
 
 from __future__ import annotations
@@ -72,14 +74,32 @@ PROFILES: dict[str, Schedule] = {
 }
 
 
-def list_profiles() -> list[str]:
-    return list(PROFILES)
+# (method, profile name) -> the method's own schedule for that profile.
+METHOD_PROFILES: dict[tuple[str, str], Schedule] = {}
 
 
-def schedule_for(profile: str = "embedded", **overrides: Any) -> Schedule:
-    """A profile's schedule with ``overrides`` (field names of :class:`Schedule`)."""
-    if profile not in PROFILES:
-        raise NaglError(f"unknown training profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+def register_profile(method: str, name: str, schedule: Schedule) -> Schedule:
+    """Register ``method``'s own schedule for the profile ``name`` (its ``profile`` field must be ``name``)."""
+    if schedule.profile != name:
+        raise ValueError(f"schedule of profile {schedule.profile!r} registered as {name!r} for {method!r}")
+    schedule.check()
+    METHOD_PROFILES[(method, name)] = schedule
+    return schedule
+
+
+def list_profiles(method: str | None = None) -> list[str]:
+    """The generic profiles, plus ``method``'s own (every method's own when ``method`` is None)."""
+    own = [name for (m, name) in METHOD_PROFILES if method is None or m == method]
+    return list(dict.fromkeys([*PROFILES, *own]))
+
+
+def schedule_for(profile: str = "embedded", method: str = "nagl", **overrides: Any) -> Schedule:
+    """``method``'s schedule for ``profile`` (its own, else the generic one) with ``overrides``
+    (field names of :class:`Schedule`)."""
+    base = METHOD_PROFILES.get((method, profile), PROFILES.get(profile))
+    if base is None:
+        raise NaglError(f"unknown training profile {profile!r} for method {method!r}; choose one of: "
+                        f"{', '.join(list_profiles(method))}")
     known = set(Schedule.__dataclass_fields__) - {"profile"}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -87,6 +107,6 @@ def schedule_for(profile: str = "embedded", **overrides: Any) -> Schedule:
     for key in ("milestones", "normal_shots", "abnormal_shots"):
         if key in overrides:
             overrides[key] = tuple(int(v) for v in overrides[key])
-    schedule = replace(PROFILES[profile], **overrides)
+    schedule = replace(base, **overrides)
     schedule.check()
     return schedule

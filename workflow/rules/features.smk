@@ -18,3 +18,6 @@ rule extract_features:
     shell:
         "{PY} -m nagl step features {wildcards.dataset} --config {RUN_CONFIG} "
         "--threads {threads} --out {output} > {log} 2>&1"
+# The step also caches the named levels the configured methods read (the union over
+# the methods, from their classes and the backbone's level groups); see
+# docs/architecture.md, "Feature cache".
