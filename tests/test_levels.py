@@ -121,7 +121,7 @@ class ToyTrained(TrainableMethod):
 
     def batch_spec(self, normal_shots, abnormal_shots) -> BatchSpec:
         return BatchSpec(tuple(normal_shots), (0,), level_group="patch", needs_embed=True, balanced=True,
-                         normal_only_epochs=1)
+                         normal_only_epochs=1, calibration_images=5)
 
     def loss(self, batch: EpisodeBatch):
         query = batch.query_levels()
@@ -137,6 +137,12 @@ class ToyTrained(TrainableMethod):
         record.setdefault("query_shapes", []).append({k: tuple(v.shape) for k, v in batch.query_levels().items()})
         record.setdefault("optimisers", []).append(len(optimisers))
         return super().training_step(batch, optimisers)
+
+    def calibrate(self, batches):
+        episodes = [e for batch in batches for e in batch.episodes]
+        ToyTrained.record["calibration"] = [(e.label, e.query in e.normal, len(e.normal), e.abnormal)
+                                            for e in episodes]
+        ToyTrained.record["calibration_after_epoch"] = len(ToyTrained.record["epochs"])
 
     def start_epoch(self, epoch, epochs):
         ToyTrained.record.setdefault("epochs", []).append((epoch, epochs))
@@ -387,6 +393,10 @@ def test_training_serves_levels_balanced_batches_and_records_shapes(mini, monkey
     assert not any(record["self_reference"]) and all(record["categories"])
     assert record["query_shapes"][0] == {"grid-fine": (4, 64, 40), "grid-coarse": (4, 64, 112), "embed": (4, 1280)}
     assert set(record["optimisers"]) == {1}
+    # calibration after the last epoch: 5 normal queries with normal references of their category, never themselves
+    assert record["calibration_after_epoch"] == 3
+    assert len(record["calibration"]) == 5
+    assert all(c[0] == 0 and not c[1] and c[2] in (1, 2) and c[3] == () for c in record["calibration"])
 
     info = json.loads((folder / "model.json").read_text())
     assert info["config"]["levels"] == {"grid-fine": [8, 8, 40], "grid-coarse": [8, 8, 112]}

@@ -446,6 +446,13 @@ class TrainableMethod(Method):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called before each training epoch (1-based) of ``epochs``."""
 
+    def calibrate(self, batches: Sequence[EpisodeBatch]) -> None:
+        """Called once after training and checkpoint selection, without autograd, when the
+        batch spec asks for ``calibration_images``: fix constants on SOURCE normal images
+        (e.g. ResAD's per-level log-likelihood maxima; keep them in :meth:`state_dict`).
+        Each episode's query is a normal training image, its normal references drawn from
+        its category as in training (never itself), no abnormal references."""
+
 
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     """``(weights, model.json)`` of a checkpoint given as its folder or either file."""

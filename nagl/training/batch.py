@@ -30,7 +30,9 @@ class BatchSpec:
     ``balanced``: each batch is exactly half abnormal queries (the rest normal), drawn
     from each label's pool of source images in a seeded permutation, cycled; the
     query's references come from its own category. ``normal_only_epochs``: the first
-    epochs draw normal queries only.
+    epochs draw normal queries only. ``calibration_images``: after training, the method's
+    ``calibrate`` gets episodes whose queries are up to this many normal training images
+    (0: not called).
     """
 
     normal_shots: tuple[int, ...]
@@ -41,6 +43,7 @@ class BatchSpec:
     needs_embed: bool = False
     balanced: bool = False
     normal_only_epochs: int = 0
+    calibration_images: int = 0
 
     @property
     def needs_masks(self) -> bool:

@@ -174,6 +174,22 @@ def draw_batch(pool: SourcePool, rng: np.random.Generator, spec: BatchSpec, size
     return [draw_episode(pool, rng, spec) for _ in range(size)]
 
 
+def calibration_episodes(pool: SourcePool, spec: BatchSpec, count: int, seed: int) -> list[Episode]:
+    """Up to ``count`` episodes whose queries are normal images of the training pool (a seeded
+    choice over all categories), each with ``k1`` normal references of its category (``normal_shots``
+    cycled), never itself, and no abnormal references."""
+    rng = np.random.default_rng(int(stable_hash([seed, "calibration-episodes"]), 16))
+    queries = [(c, i) for c in pool.categories() for i in pool.normals[c]]
+    chosen = [queries[i] for i in rng.permutation(len(queries))[:count]]
+    episodes = []
+    for number, (category, query) in enumerate(chosen):
+        k1 = int(spec.normal_shots[number % len(spec.normal_shots)])
+        normals = [i for i in pool.normals[category] if i != query]
+        normal = [normals[i] for i in rng.choice(len(normals), size=min(k1, len(normals)), replace=False)]
+        episodes.append(Episode(category, int(query), 0, tuple(normal), (), ""))
+    return episodes
+
+
 def validation_episodes(train: SourcePool, val: SourcePool, spec: BatchSpec, count: int,
                         seed: int) -> list[Episode]:
     """A fixed list of (at most ``count``) episodes whose queries are held-out source images and whose

@@ -33,6 +33,7 @@ from nagl.training.episodes import (
     FeatureLookup,
     FeatureStore,
     LevelLookup,
+    calibration_episodes,
     draw_batch,
     split_source,
     validation_episodes,
@@ -203,6 +204,11 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     else:
         module.load_state_dict(best_state)
     module.eval()
+    if spec.calibration_images > 0:
+        chosen = calibration_episodes(train_pool, spec, spec.calibration_images, seed)
+        with torch.no_grad():
+            model.calibrate([EpisodeBatch(chosen[i:i + schedule.batch], store)
+                             for i in range(0, len(chosen), schedule.batch)])
     seconds = time.perf_counter() - start
 
     head_total, trainable = model.parameter_counts()
