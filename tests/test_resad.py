@@ -339,3 +339,80 @@ def test_whole_maps_without_positions_equal_explicit_positions():
     assert torch.allclose(flow.log_likelihood(x, code, None), explicit, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(flow.eval().log_likelihood(x, code, None), explicit, atol=1e-6)
+
+
+# -- through the training loop, on a small prepared source ---------------------------------
+
+SOURCES = """
+datasets:
+  rs-source:
+    kind: embedded
+    domain: industrial-texture
+    preset: textures
+    categories: [brick, gravel]
+    counts: {train_good: 6, test_good: 2, test_anomalous: 4}
+  rs-target:
+    kind: embedded
+    domain: industrial-object
+    preset: objects
+    categories: [coins]
+    counts: {train_good: 2, test_good: 2, test_anomalous: 2}
+"""
+
+
+def test_training_never_uses_a_query_as_its_reference_and_fixes_c_on_the_source_only(project, monkeypatch):
+    import sys
+
+    from nagl.data.layout import read_manifest
+    from nagl.data.prepare import dataset_path, prepare_dataset
+    from nagl.models.backbones import backbone_shapes
+    from nagl.training.loop import train_on_source
+
+    project(SOURCES)
+    for name in ("rs-source", "rs-target"):
+        prepare_dataset(name, version=False)
+    source, target = dataset_path("rs-source"), dataset_path("rs-target")
+    manifest = read_manifest(source)
+    shapes = backbone_shapes("effnet-lite0", 64)  # stride 4 / 8 / 16 grids 16 / 8 / 4
+    names = shapes.level_groups["pyramid"]
+    generator = torch.Generator().manual_seed(0)
+    features = {sha: {n: torch.randn(shapes.levels[n][0][0] * shapes.levels[n][0][1], shapes.levels[n][1],
+                                     generator=generator) for n in names} for sha in manifest["image_sha256"]}
+
+    def level_lookup(shas, levels):
+        return {n: torch.stack([features[s][n] for s in shas]) for n in levels}
+
+    seen = {"steps": [], "calibration": []}
+    step, calibrate = ResadMethod.training_step, ResadMethod.calibrate
+    monkeypatch.setattr(ResadMethod, "training_step",
+                        lambda self, batch, opt: seen["steps"].append(list(batch.episodes)) or step(self, batch, opt))
+    monkeypatch.setattr(ResadMethod, "calibrate",
+                        lambda self, batches: seen["calibration"].extend(batches) or calibrate(self, batches))
+    opened = []
+    watching = [True]
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if watching[0] and event == "open"
+                     and isinstance(args[0], str | bytes | type(source)) and str(target) in str(args[0]) else None)
+    try:
+        result = train_on_source(source, lambda shas: torch.zeros(len(shas), 4, 1), backbone_identity="toy",
+                                 method="resad", profile="smoke", seed=0, grid=(2, 2), extractor=shapes,
+                                 level_lookup=level_lookup, method_settings={"blocks": 2, "pos_dim": 8},
+                                 overrides={"epochs": 10, "episodes": 2, "batch": 2}, progress=False)
+        assert opened == []  # no image, mask or file of the target dataset was opened (Python-level opens)
+        (target / "manifest.parquet").read_bytes()
+        assert opened  # the hook does see a read of the target
+    finally:
+        watching[0] = False
+    method = result.method
+    episodes = [e for batch in seen["steps"] for e in batch]
+    assert len(episodes) == 20 and all(len(e.normal) == 4 and e.query not in e.normal for e in episodes)
+    assert all(e.label == 0 for e in seen["steps"][0])  # stage 1: the first epoch is normal queries only
+    calibration = [e for batch in seen["calibration"] for e in batch.episodes]
+    source_rows = set(manifest.index[manifest["label"] == 0])
+    assert calibration and all(e.label == 0 and e.query in source_rows and e.query not in e.normal
+                               for e in calibration)
+    with torch.no_grad():
+        maxima = [max(float(ll.max()) for batch in seen["calibration"]
+                      for ll in [method._level_likelihoods(method._batch_residuals(batch))[level]])
+                  for level in range(3)]
+    assert method.head.calibration.tolist() == pytest.approx(maxima, rel=1e-5)
+    assert result.metadata["training"]["method"]["calibration_images"] == 256

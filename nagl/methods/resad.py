@@ -36,6 +36,7 @@ from nagl.methods.base import MaskInput, TrainableMethod
 from nagl.methods.flow import ConditionalFlow, sincos_position_code
 from nagl.methods.registry import register_method
 from nagl.training.batch import BatchSpec, EpisodeBatch
+from nagl.training.schedule import Schedule, register_profile
 
 VARIANTS = ("neurips",)
 MATCHES = ("l2", "cosine")
@@ -144,7 +145,8 @@ class ResadMethod(TrainableMethod):
     uses_abnormal_refs: ClassVar[bool] = False
     image_scores_need_pixels: ClassVar[bool] = True
 
-    def __init__(self, dim: int, levels: dict[str, Sequence[int]] | None = None, variant: str = "neurips",
+    def __init__(self, dim: int, levels: dict[str, Sequence[int]] | None = None, embed_dim: int | None = None,
+                 variant: str = "neurips",
                  match: str = "l2", residual: str = "diff", constraintor: bool = True, blocks: int = 10,
                  clamp: float = 1.9, pos_dim: int = 256, k_train: int = 4, stage1_share: float = 0.1,
                  abnormal_query_rate: float = 0.5, mask_size: int = 256, occ: str = "sqrt-norm",
@@ -153,7 +155,10 @@ class ResadMethod(TrainableMethod):
                  seed: int = 0):
         if not levels:
             raise NaglError("resad needs the backbone's pyramid levels: build it with "
-                            "create_method('resad', backbone.dim, **ResadMethod.config_for_backbone(backbone))")
+                            "create_method('resad', backbone.dim, **ResadMethod.config_for_backbone(backbone)) "
+                            "on a backbone with a 'pyramid' level group")
+        if embed_dim is not None:
+            raise NaglError(f"resad reads no image embedding, got embed_dim={embed_dim}")
         levels = {str(k): [int(v) for v in shape] for k, shape in levels.items()}
         for name, shape in levels.items():
             if len(shape) != 3 or min(shape) < 1:
@@ -187,19 +192,11 @@ class ResadMethod(TrainableMethod):
         self.head.eval()
         self.codes = {name: sincos_position_code(self.grids[name], int(pos_dim)) for name in self.levels}
         self.stage = 2
+        self.epochs = 0  # of the schedule being trained (configure_optimisers)
         self.flow_vectors: int | None = None
         self._shuffle = torch.Generator().manual_seed(int(stable_hash([self.seed, "resad-shuffle"]), 16) % 2**63)
 
     # -- shapes ------------------------------------------------------------------------
-    @classmethod
-    def config_for_backbone(cls, backbone: Any) -> dict[str, Any]:
-        """``{"levels": {name: [h, w, C]}}`` of the backbone's ``pyramid`` level group."""
-        names = getattr(backbone, "level_groups", {}).get(cls.level_group)
-        if not names:
-            raise NaglError(f"backbone {getattr(backbone, 'identity', backbone)!r} publishes no "
-                            f"{cls.level_group!r} levels; resad needs a multi-scale feature pyramid")
-        return {"levels": {name: [*backbone.levels[name][0], backbone.levels[name][1]] for name in names}}
-
     @property
     def output_grid(self) -> tuple[int, int]:
         return self.grids[self.levels[0]]
@@ -310,16 +307,19 @@ class ResadMethod(TrainableMethod):
         return self.head
 
     def stage1_epochs(self, epochs: int) -> int:
-        """Epochs of stage 1 (normal queries only): the first ``stage1_share`` of them."""
+        """Epochs of stage 1 (normal queries only, no BG-SPP): the first ``stage1_share`` of them."""
         return int(round(self.config["stage1_share"] * epochs))
 
-    def batch_spec(self, normal_shots: tuple[int, ...], abnormal_shots: tuple[int, ...],
-                   epochs: int = 0) -> BatchSpec:
-        """``k_train`` normal references per query (never the query), no abnormal reference,
-        query masks (downsampled by nearest to each grid), stage 1 = normal queries only."""
+    def batch_spec(self, normal_shots: tuple[int, ...], abnormal_shots: tuple[int, ...]) -> BatchSpec:
+        """``k_train`` normal references per query (never the query itself; the shot counts of the
+        schedule are not used), no abnormal reference, query masks (downsampled by nearest to
+        each grid), stage 1 = normal queries only, ``c_l`` fixed on ``calibration_images`` normal
+        training images. The stage-1 epochs come from the schedule given to
+        :meth:`configure_optimisers` (the loop calls it first)."""
         return BatchSpec((self.config["k_train"],), (0,), mask_size=self.config["mask_size"],
                          abnormal_query_rate=self.config["abnormal_query_rate"], level_group=self.level_group,
-                         normal_only_epochs=self.stage1_epochs(epochs))
+                         normal_only_epochs=self.stage1_epochs(self.epochs),
+                         calibration_images=self.config["calibration_images"])
 
     def training_settings(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.config.items() if k != "levels"}, "flow_vectors": self.flow_vectors,
@@ -329,6 +329,7 @@ class ResadMethod(TrainableMethod):
         """Adam for the constraintors and one Adam per level's flow, so a step on one level never
         moves another level's flow. The profile fixes the flow vectors used per level and batch."""
         self.flow_vectors = FLOW_VECTORS_PER_PROFILE.get(schedule.profile)
+        self.epochs = int(schedule.epochs)
 
         def adam(module: nn.Module) -> torch.optim.Optimizer:
             return torch.optim.Adam(module.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -460,3 +461,13 @@ class ResadMethod(TrainableMethod):
             raise NaglError("resad: no source image to fix the normalisation constants c_l on")
         self.head.calibration.copy_(torch.tensor(best))
         return best
+
+
+# The code's schedule (Adam, lr 1e-5, weight decay 5e-4, 100 epochs, lr x0.1 at 70 and 90,
+# batches of 32); an epoch is 50 batches here (the loop is episodic; the code's epoch is one
+# pass over its training images).
+register_profile("resad", "paper", Schedule(profile="paper", epochs=100, episodes=1600, batch=32, lr=1e-5,
+                                            weight_decay=5e-4, milestones=(70, 90), select="last"))
+# Chosen on the source validation split of embedded-textures (docs/methods.md, ResAD).
+register_profile("resad", "embedded", Schedule(profile="embedded", epochs=10, episodes=16, batch=8, lr=1e-3,
+                                               weight_decay=5e-4, milestones=(8,), select="last"))
