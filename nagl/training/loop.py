@@ -144,6 +144,9 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     store = FeatureStore(manifest, dataset_dir, features, grid, level_lookup=level_lookup, level_names=level_names)
     model = create_method(method, store.dim, **backbone_config, **dict(method_settings or {}), seed=seed)
     assert isinstance(model, TrainableMethod), f"{method} is trainable but not a TrainableMethod"
+    # the optimisers first: a method may read the schedule there that its batch spec depends on
+    # (ResAD's normal-only first epochs are a share of the schedule's epochs)
+    optimisers = model.configure_optimisers(schedule)
     spec = model.batch_spec(schedule.normal_shots, schedule.abnormal_shots)
     store.mask_size = spec.mask_size  # the masks the method's loss reads
 
@@ -160,7 +163,6 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                         f"val_fraction={schedule.val_fraction}; set select to 'last' or use a larger source")
 
     module = model.trainable_module()
-    optimisers = model.configure_optimisers(schedule)
     lr_schedules = [torch.optim.lr_scheduler.MultiStepLR(optimiser, list(schedule.milestones), schedule.gamma)
                     for optimiser in optimisers]
     rng = np.random.default_rng(int(stable_hash([seed, "train-episodes"]), 16))
