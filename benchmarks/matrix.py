@@ -144,7 +144,9 @@ def training_step_seconds(config, scratch: Path) -> float:
         torch.set_num_threads(2)  # the train rule's threads
         for method in config.trainable_methods:
             for source in config.sources:
-                loop.train_from_config(config, method, source, scratch / method / source)
+                for train_seed in config.training.seeds:
+                    loop.train_from_config(config, method, source, train_seed,
+                                           scratch / method / source / str(train_seed))
     finally:
         hook.remove()
         loop.EpisodeBatch = batch_type

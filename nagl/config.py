@@ -41,11 +41,13 @@ class Shots:
 
 @dataclass(frozen=True)
 class Training:
+    """``seeds``: one checkpoint per training seed and (method, source)."""
+
     profile: str
-    seed: int
+    seeds: tuple[int, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"profile": self.profile, "seed": self.seed}
+        return {"profile": self.profile, "seeds": list(self.seeds)}
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,10 @@ def _choose(origin: str, setting: str, name: str, known: list[str], where: str) 
 
 def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunConfig:
     """Check ``config`` against the schema, the registries and the cross-field rules."""
+    training = config.get("training")
+    if isinstance(training, Mapping) and "seed" in training:
+        raise NaglError(f"{origin}: training.seed is no longer a setting; write training.seeds, a list of "
+                        f"training seeds (e.g. seeds: [{training['seed']}]), one checkpoint each")
     rules = schema()
     validator = jsonschema.Draft202012Validator(rules)
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path))
@@ -126,7 +132,7 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
         backbone=raw["backbone"], image_size=int(raw["image_size"]), eval_resolution=int(raw["eval_resolution"]),
         methods=tuple(raw["methods"]), sources=tuple(raw["sources"]), targets=tuple(raw["targets"]),
         shots=shots, seeds=tuple(raw["seeds"]),
-        training=Training(raw["training"]["profile"], int(raw["training"]["seed"])),
+        training=Training(raw["training"]["profile"], tuple(int(s) for s in raw["training"]["seeds"])),
         results=str(raw["results"]), report=str(raw["report"]))
     _check_names(run, origin)
     if 0 in shots.k_normal and 0 in shots.k_abnormal:
@@ -199,7 +205,8 @@ def cell_settings(config: RunConfig, method: str) -> dict[str, Any]:
         "eval_resolution": config.eval_resolution,
     }
     if is_trainable(method):
-        settings["training"] = config.training.as_dict()
+        # The training seed is part of the cell's key (runs.train_seed), not of its settings.
+        settings["training"] = {"profile": config.training.profile}
     return settings
 
 

@@ -1,4 +1,4 @@
-"""One evaluation job: a (method, source, target) over every category, shot setting and seed.
+"""One evaluation job: a (method, source, training seed, target) over every category, shot setting and seed.
 
 For each (category, seed) the reference split is drawn once (``nagl.protocol``);
 every shot setting at that seed is scored on the same queries. Each cell is
@@ -52,10 +52,11 @@ class CellKey:
     k_normal: int
     k_abnormal: int
     seed: int
+    train_seed: int | None  # the checkpoint's training seed; None for a training-free method
 
     def folder(self, results: Path) -> Path:
         return cell_dir(results, self.method, self.backbone, self.source, self.target, self.category,
-                        self.k_normal, self.k_abnormal, self.seed)
+                        self.k_normal, self.k_abnormal, self.seed, self.train_seed)
 
     def run_id(self, settings_hash: str) -> str:
         return stable_hash({**self.__dict__, "settings": settings_hash}, length=20)
@@ -113,9 +114,10 @@ def _gallery(queries: pd.DataFrame, root: Path, maps: np.ndarray, has_masks: boo
 
 
 class Evaluator:
-    """Scores the cells of one (method, source, target) job."""
+    """Scores the cells of one (method, source, training seed, target) job."""
 
-    def __init__(self, config: RunConfig, method: str, source: str, target: str, results: Path):
+    def __init__(self, config: RunConfig, method: str, source: str, target: str, results: Path,
+                 train_seed: int | None = None):
         self.config = config
         self.method_name = method
         self.source = source
@@ -126,6 +128,10 @@ class Evaluator:
             raise NaglError(f"method {method!r} is {'trainable' if self.trainable else 'training-free'}: "
                             f"its source must be {'a source dataset' if self.trainable else repr(TRAINING_FREE_SOURCE)}, "
                             f"not {source!r}")
+        if self.trainable == (train_seed is None):
+            raise NaglError(f"method {method!r}: a trained method's job needs its checkpoint's training seed, "
+                            f"a training-free method's none (got {train_seed!r})")
+        self.train_seed = train_seed
         self.backbone = create_backbone(config.backbone, config.image_size)
         self.cache = feature_cache(self.backbone)
         self.root = dataset_path(target)
@@ -135,10 +141,10 @@ class Evaluator:
         self.checkpoint_hash = None
         self.train_seconds = None
         if self.trainable:
-            folder = model_dir(results, method, config.backbone, source)
-            model_json = model_file(results, method, config.backbone, source)
+            folder = model_dir(results, method, config.backbone, source, train_seed)
+            model_json = model_file(results, method, config.backbone, source, train_seed)
             if not model_json.is_file():
-                raise NaglError(f"{model_json} not found: train {method} on {source} first "
+                raise NaglError(f"{model_json} not found: train {method} on {source} with seed {train_seed} first "
                                 f"(the workflow's train rule, or `nagl train`)")
             self.method = load_method(folder)
             info = read_json(model_json)
@@ -155,7 +161,8 @@ class Evaluator:
         # The method's own settings (its config, and how it was trained), apart from the
         # run-level settings in config_hash.
         self.method_config_hash = stable_hash({"method": self.method.config_hash(),
-                                               "training": config.training.as_dict() if self.trainable else None})
+                                               "training": ({"profile": config.training.profile} if self.trainable
+                                                            else None)})
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
 
@@ -220,7 +227,7 @@ class Evaluator:
         for category in categories:
             for seed in sorted(self.config.seeds):
                 keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
-                                category, kn, ka, seed) for kn, ka in settings]
+                                category, kn, ka, seed, self.train_seed) for kn, ka in settings]
                 todo = [key for key in keys
                         if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
                 folders += [str(key.folder(self.results)) for key in keys]
@@ -314,5 +321,6 @@ def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int
     return features[begin:end]
 
 
-def evaluate_job(config: RunConfig, method: str, source: str, target: str) -> list[str]:
-    return Evaluator(config, method, source, target, Path(config.results)).run()
+def evaluate_job(config: RunConfig, method: str, source: str, target: str,
+                 train_seed: int | None = None) -> list[str]:
+    return Evaluator(config, method, source, target, Path(config.results), train_seed).run()

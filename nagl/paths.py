@@ -3,11 +3,13 @@
 Both the Python steps and the workflow (``workflow/rules/common.smk``) build paths
 with these functions; the rules pass Snakemake wildcards (``"{method}"``) as the
 arguments. ``results`` is the run's results folder (the config's ``results``).
+``<train seed>`` is the training seed of a trained method's checkpoint, and ``-``
+for a training-free method (as its source is ``-``).
 
     <results>/features/<backbone>/<dataset>.json            feature stamp
-    <results>/models/<method>/<backbone>/<source>/          model folder (model.json)
-    <results>/jobs/<method>/<backbone>/<source>/<target>.json  job file
-    <results>/cells/<method>/<backbone>/<source>/<target>/<category>/n<k>a<k>s<seed>/
+    <results>/models/<method>/<backbone>/<source>/<train seed>/     model folder (model.json)
+    <results>/jobs/<method>/<backbone>/<source>/<train seed>/<target>.json  job file
+    <results>/cells/<method>/<backbone>/<source>/<train seed>/<target>/<category>/n<k>a<k>s<seed>/
     <results>/benchmark.duckdb                              database
     <results>/run-config.json                               the validated run config
     <results>/logs/<step>/<name>.log
@@ -33,17 +35,26 @@ def feature_stamp(results: str | Path, backbone: str, dataset: str) -> Path:
     return Path(results) / "features" / backbone / f"{dataset}.json"
 
 
-def model_dir(results: str | Path, method: str, backbone: str, source: str) -> Path:
-    return Path(results) / "models" / method / backbone / source
+NO_TRAIN_SEED = "-"  # the train-seed folder of a training-free method
 
 
-def model_file(results: str | Path, method: str, backbone: str, source: str) -> Path:
-    return model_dir(results, method, backbone, source) / MODEL_FILE
+def train_seed_part(train_seed: int | str | None) -> str:
+    """The folder name of a training seed: the number, or ``-`` (``None``: training-free)."""
+    return NO_TRAIN_SEED if train_seed is None else str(train_seed)
 
 
-def job_file(results: str | Path, method: str, backbone: str, source: str, target: str) -> Path:
-    """The summary of one (method, source, target) evaluation job: the cells it wrote."""
-    return Path(results) / "jobs" / method / backbone / source / f"{target}.json"
+def model_dir(results: str | Path, method: str, backbone: str, source: str, train_seed: int | str) -> Path:
+    return Path(results) / "models" / method / backbone / source / train_seed_part(train_seed)
+
+
+def model_file(results: str | Path, method: str, backbone: str, source: str, train_seed: int | str) -> Path:
+    return model_dir(results, method, backbone, source, train_seed) / MODEL_FILE
+
+
+def job_file(results: str | Path, method: str, backbone: str, source: str, target: str,
+             train_seed: int | str | None) -> Path:
+    """The summary of one (method, source, train seed, target) evaluation job: the cells it wrote."""
+    return Path(results) / "jobs" / method / backbone / source / train_seed_part(train_seed) / f"{target}.json"
 
 
 def cells_dir(results: str | Path) -> Path:
@@ -52,8 +63,9 @@ def cells_dir(results: str | Path) -> Path:
 
 
 def cell_dir(results: str | Path, method: str, backbone: str, source: str, target: str, category: str,
-             k_normal: int, k_abnormal: int, seed: int) -> Path:
-    return cells_dir(results) / method / backbone / source / target / category / f"n{k_normal}a{k_abnormal}s{seed}"
+             k_normal: int, k_abnormal: int, seed: int, train_seed: int | None) -> Path:
+    return (cells_dir(results) / method / backbone / source / train_seed_part(train_seed) / target / category
+            / f"n{k_normal}a{k_abnormal}s{seed}")
 
 
 def database(results: str | Path) -> Path:

@@ -34,17 +34,29 @@ def test_defaults_come_from_the_schema():
     raw = default_raw()
     for key in ("results", "report"):
         raw.pop(key)
-    raw["training"].pop("seed")
+    raw["training"].pop("seeds")
     config = validate_config(raw)
-    assert (config.results, config.report, config.training.seed) == ("results", "reports/leaderboard.html", 0)
+    assert (config.results, config.report, config.training.seeds) == ("results", "reports/leaderboard.html",
+                                                                        (0, 1, 2))
 
 
-def test_cell_settings_hash_is_that_of_the_settings_as_before():
-    """Cells written before the typed config keep their hash (so they are not recomputed)."""
+def test_the_old_training_seed_setting_names_its_replacement():
+    raw = default_raw()
+    raw["training"] = {"profile": "embedded", "seed": 3}
+    with pytest.raises(NaglError, match=r"training\.seed is no longer a setting; write training\.seeds.*\[3\]"):
+        validate_config(raw)
+
+
+def test_cell_settings_hash_leaves_the_training_seeds_out():
+    """The training seed is part of a cell's key (runs.train_seed): adding a training seed
+    must not change the settings hash of the cells of the other seeds."""
     config = load_config()
     expected = stable_hash({"method": "nagl", "backbone": "effnet-lite0", "image_size": 256,
-                            "eval_resolution": 256, "training": {"profile": "embedded", "seed": 0}})
+                            "eval_resolution": 256, "training": {"profile": "embedded"}})
     assert cell_settings_hash(config, "nagl") == expected
+    more = default_raw()
+    more["training"]["seeds"] = [0, 1, 2, 3]
+    assert cell_settings_hash(validate_config(more), "nagl") == expected
 
 
 @pytest.mark.parametrize(("change", "message"), [

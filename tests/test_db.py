@@ -71,7 +71,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "run_id": hashlib.sha256(key.encode()).hexdigest()[:20],
         "method": method, "backbone": "bb", "backbone_identity": "bb@32:0123", "source": source,
         "target": target, "category": category, "k_normal": k_normal, "k_abnormal": k_abnormal, "seed": seed,
-        "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
+        "train_seed": None if source == "-" else 0, "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
         "n_queries": len(queries), "n_anomalous_queries": int(queries["label"].sum()),
         "n_pseudo_masks": 0 if target in WITH_MASKS else k_abnormal,
         "config_hash": "cfg", "method_config_hash": "mcfg",
@@ -125,7 +125,7 @@ def build_results(results: Path) -> int:
                 count += 1
     for method, source in (("nagl", "A"), ("nagl", "B"), ("knn", "-")):
         atomic_write_json(results / "models" / method / "bb" / source / "model.json", {
-            "method": method, "backbone": "bb", "source": source,
+            "method": method, "backbone": "bb", "source": source, "train_seed": None if source == "-" else 0,
             "checkpoint_hash": None if source == "-" else "ckpt", "training_profile": None if source == "-" else "quick",
             "params_total": 1000, "params_trainable": 0 if source == "-" else 100,
             "train_seconds": None if source == "-" else 12.5, "source_dataset_hash": None if source == "-" else f"md5-{source}",
@@ -315,7 +315,7 @@ def test_write_cell_checks_before_writing_and_rewrites_cleanly(tmp_path):
         write_cell(folder, run, metrics, scores, other.to_json())
     with pytest.raises(NaglError, match="in_domain"):
         write_cell(folder, {**run, "in_domain": True}, metrics, scores, split.to_json())
-    with pytest.raises(NaglError, match="must be written to results/cells/nagl/bb/A/B/x/n1a0s0"):
+    with pytest.raises(NaglError, match="must be written to results/cells/nagl/bb/A/0/B/x/n1a0s0"):
         write_cell(folder.with_name("n2a0s0"), run, metrics, scores, split.to_json())
     with pytest.raises(NaglError, match="`score` has null values"):
         write_cell(folder, run, metrics, scores.assign(score=np.nan), split.to_json())

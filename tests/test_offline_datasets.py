@@ -248,7 +248,7 @@ def test_image_level_target_has_null_pixel_metrics_and_counted_pseudo_masks(proj
     config = validate_config({"backbone": "effnet-lite0", "image_size": 64, "eval_resolution": 32,
                               "methods": ["knn-naive"], "sources": [], "targets": ["elpv-mini"],
                               "shots": {"k_normal": [1], "k_abnormal": [0, 2]}, "seeds": [0],
-                              "training": {"profile": "smoke", "seed": 0}, "results": str(root / "results")})
+                              "training": {"profile": "smoke", "seeds": [0]}, "results": str(root / "results")})
     cells = [Path(c) for c in evaluate_job(config, "knn-naive", "-", "elpv-mini")]
     assert len(cells) == 2
     for cell in cells:

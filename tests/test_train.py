@@ -58,7 +58,8 @@ def test_profiles():
     assert (paper.lr, paper.weight_decay, paper.epochs, paper.episodes, paper.batch) == (1e-5, 0.01, 20, 500, 8)
     assert paper.milestones == (10, 15) and paper.gamma == 0.1 and paper.select == "last"
     embedded_profile = schedule_for("embedded")
-    assert embedded_profile.select == "best" and embedded_profile.val_fraction > 0
+    assert embedded_profile.select == "auroc" and embedded_profile.val_fraction > 0
+    assert embedded_profile.val_references > 0
     assert schedule_for("embedded", normal_shots=[2]).normal_shots == (2,)
     with pytest.raises(NaglError, match="unknown training profile 'fast'"):
         schedule_for("fast")
@@ -66,6 +67,10 @@ def test_profiles():
         schedule_for("paper", learning_rate=1)
     with pytest.raises(NaglError, match="select='best' needs"):
         schedule_for("paper", select="best")
+    with pytest.raises(NaglError, match="select='auroc' needs"):
+        schedule_for("paper", select="auroc")
+    with pytest.raises(NaglError, match="select must be one of last, best, auroc"):
+        schedule_for("paper", select="loss")
 
 
 def test_validation_split_is_source_only_disjoint_and_seeded(source):
@@ -200,7 +205,7 @@ def test_train_command(source, monkeypatch):
     result = CliRunner().invoke(_app, ["train", "--source", SOURCE, "--profile", "smoke", "--seed", "1",
                                        "--normal-shots", "1", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    folder = root / "results" / "models" / "nagl" / "effnet-lite0" / SOURCE
+    folder = root / "results" / "models" / "nagl" / "effnet-lite0" / SOURCE / "1"  # the training seed
     info = json.loads((folder / "model.json").read_text())
     assert info["training"]["normal_shots"] == [1] and info["training"]["profile"] == "smoke"
     assert info["params_total"] == info["params_head"] + info["params_backbone"] > info["params_head"]

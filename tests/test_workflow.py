@@ -47,7 +47,7 @@ MINI_CONFIG = {
     "targets": ["mini-texture", "mini-medical"],
     "shots": {"k_normal": [1, 2], "k_abnormal": [0, 1]},
     "seeds": [0, 1],
-    "training": {"profile": "smoke", "seed": 0},
+    "training": {"profile": "smoke", "seeds": [0]},
     "results": "results",
     "report": "reports/leaderboard.html",
 }

@@ -24,6 +24,15 @@ def _threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def _train_seed(text: str) -> int | None:
+    """``--train-seed``: a whole number, or ``-`` (no checkpoint: a training-free method)."""
+    if text == "-":
+        return None
+    if not text.isdigit():
+        raise NaglError(f"--train-seed {text!r}: give a training seed (a whole number >= 0) or '-'")
+    return int(text)
+
+
 @step_app.command("features")
 def step_features(
     dataset: str = typer.Argument(..., help="dataset name"),
@@ -60,16 +69,17 @@ def step_features(
 def step_train(
     method: str = typer.Option(...),
     source: str = typer.Option(...),
+    train_seed: int = typer.Option(..., help="training seed: validation split, initial weights, episode order"),
     config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
     out: Path = typer.Option(..., help="model.json of the checkpoint folder"),
     threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
-    """Train METHOD on SOURCE with the config's training profile (source data only)."""
+    """Train METHOD on SOURCE with the config's training profile and TRAIN_SEED (source data only)."""
     from nagl.config import read_effective_config
     from nagl.training.loop import train_from_config
 
     _threads(threads)
-    train_from_config(read_effective_config(config), method, source, Path(out).parent)
+    train_from_config(read_effective_config(config), method, source, train_seed, Path(out).parent)
 
 
 @step_app.command("evaluate")
@@ -77,6 +87,7 @@ def step_evaluate(
     method: str = typer.Option(...),
     source: str = typer.Option(..., help="source dataset, or '-' for training-free methods"),
     target: str = typer.Option(...),
+    train_seed: str = typer.Option("-", help="training seed of the checkpoint, or '-' for training-free methods"),
     config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
     out: Path = typer.Option(..., help="job summary JSON to write when done"),
     threads: int = typer.Option(1, help="torch threads"),
@@ -88,8 +99,9 @@ def step_evaluate(
 
     _threads(threads)
     start = time.perf_counter()
-    cells = evaluate_job(read_effective_config(config), method, source, target)
-    atomic_write_json(out, {"method": method, "source": source, "target": target,
+    seed = _train_seed(train_seed)
+    cells = evaluate_job(read_effective_config(config), method, source, target, seed)
+    atomic_write_json(out, {"method": method, "source": source, "train_seed": seed, "target": target,
                             "cells": cells, "seconds": time.perf_counter() - start})
 
 

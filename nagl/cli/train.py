@@ -31,10 +31,10 @@ def train(
     backbone: str = typer.Option("effnet-lite0", help="backbone whose cached features are used"),
     image_size: int | None = typer.Option(None, help="backbone input size (default: the backbone's)"),
     profile: str = typer.Option("embedded", help=f"training profile: {', '.join(list_profiles())}"),
-    seed: int = typer.Option(0, help="seed of the weights and the episodes"),
+    seed: int = typer.Option(0, help="training seed: source validation split, initial weights, episode order"),
     normal_shots: str | None = typer.Option(
         None, help="normal-shot counts drawn per episode, e.g. 1,2,4 (one model for all) or 1 (one per shot)"),
-    out: Path | None = typer.Option(None, help="checkpoint folder (default results/models/METHOD/BACKBONE/SOURCE)"),
+    out: Path | None = typer.Option(None, help="checkpoint folder (default results/models/METHOD/BACKBONE/SOURCE/SEED)"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Train METHOD on the SOURCE dataset (source data only) from cached backbone features."""

@@ -225,12 +225,12 @@ def _signatures(con: duckdb.DuckDBPyConnection) -> dict[tuple, tuple]:
     """Per (method, backbone, k_normal, k_abnormal): every cross-domain cell metric, as a comparable tuple.
 
     For each (target, category, seed, metric) the distinct values over the
-    method's cross-domain sources: a trained method whose sources all give the
-    same numbers matches a training-free method with those numbers.
+    method's cross-domain sources and training seeds: a trained method whose sources
+    and training seeds all give the same numbers (e.g. one that ignores its weights
+    without abnormal references) matches a training-free method with those numbers.
     """
-    train_seed = "r.train_seed" if "train_seed" in column_names(con, "runs") else "NULL::INTEGER"
     rows = con.execute(f"""
-        SELECT r.method, r.backbone, r.k_normal, r.k_abnormal, r.target, r.category, {train_seed}, r.seed,
+        SELECT r.method, r.backbone, r.k_normal, r.k_abnormal, r.target, r.category, r.seed,
                m.level, m.metric,
                list_sort(list_distinct(list(COALESCE(CAST(m.value AS VARCHAR), 'NULL')))) AS vals
         FROM runs r JOIN metrics m USING (run_id)

@@ -154,7 +154,7 @@ def _model_rows(results_dir: Path) -> list[dict[str, Any]]:
     files = sorted(models_root.rglob("model.json")) if models_root.is_dir() else []
     for path in files:
         row = table_row("models", _read_json(path), str(path))
-        key = (row["method"], row["backbone"], row["source"])
+        key = (row["method"], row["backbone"], row["source"], row["train_seed"])
         if key in seen:
             raise NaglError(f"{path} and {seen[key]} describe the same model {key}; delete one of them")
         seen[key] = path

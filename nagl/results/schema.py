@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from nagl import paths
+from nagl.config import TRAINING_FREE_SOURCE
 from nagl.errors import NaglError
 from nagl.metrics import IMAGE_METRICS, PIXEL_METRICS
 from nagl.protocol import verify_split_json
@@ -220,7 +221,7 @@ def check_split(split_json: Any, run: Mapping[str, Any], source: str) -> None:
 def cell_dir(results_dir: Path, run: Mapping[str, Any]) -> Path:
     """The folder of the cell that ``run`` (a row of ``runs``) describes (see :func:`nagl.paths.cell_dir`)."""
     return paths.cell_dir(results_dir, run["method"], run["backbone"], run["source"], run["target"],
-                          run["category"], run["k_normal"], run["k_abnormal"], run["seed"])
+                          run["category"], run["k_normal"], run["k_abnormal"], run["seed"], run["train_seed"])
 
 
 def cell_key_path(run: Mapping[str, Any]) -> Path:
@@ -230,3 +231,5 @@ def cell_key_path(run: Mapping[str, Any]) -> Path:
 def check_run(run: dict[str, Any], source: str) -> None:
     if run["in_domain"] != (run["source"] == run["target"]):
         raise NaglError(f"{source}: in_domain must be true exactly when source == target")
+    if (run["train_seed"] is None) != (run["source"] == TRAINING_FREE_SOURCE):
+        raise NaglError(f"{source}: train_seed must be null exactly for a training-free method (source '-')")

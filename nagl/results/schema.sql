@@ -1,6 +1,7 @@
 -- The results database (results/benchmark.duckdb). One row of `runs` per
--- evaluation cell: (method, backbone, source, target, category, k_normal,
--- k_abnormal, seed). Training-free methods use source '-'.
+-- evaluation cell: (method, backbone, source, train_seed, target, category,
+-- k_normal, k_abnormal, seed). Training-free methods use source '-' and a NULL
+-- train_seed.
 -- Pixel metrics of a dataset without masks are stored as NULL, never 0.
 
 CREATE TABLE runs (
@@ -13,7 +14,8 @@ CREATE TABLE runs (
     category            VARCHAR NOT NULL,
     k_normal            INTEGER NOT NULL,
     k_abnormal          INTEGER NOT NULL,
-    seed                INTEGER NOT NULL,
+    seed                INTEGER NOT NULL,     -- reference-draw seed
+    train_seed          INTEGER,              -- training seed of the checkpoint; NULL for training-free methods
     in_domain           BOOLEAN NOT NULL,     -- source = target: kept, left out of cross-domain means
     image_size          INTEGER NOT NULL,
     eval_resolution     INTEGER NOT NULL,     -- pixel metrics are computed at this size
@@ -71,13 +73,14 @@ CREATE TABLE models (
     method              VARCHAR NOT NULL,
     backbone            VARCHAR NOT NULL,
     source              VARCHAR NOT NULL,      -- '-' for training-free methods
+    train_seed          INTEGER,               -- NULL for training-free methods
     checkpoint_hash     VARCHAR,
     training_profile    VARCHAR,
     params_total        BIGINT NOT NULL,       -- backbone + head
     params_trainable    BIGINT NOT NULL,
     train_seconds       DOUBLE,
     source_dataset_hash VARCHAR,
-    PRIMARY KEY (method, backbone, source)
+    UNIQUE (method, backbone, source, train_seed)
 );
 
 CREATE TABLE datasets (
@@ -115,10 +118,10 @@ CREATE TABLE provenance (
 -- One row per cell and metric, with the cell's key.
 CREATE VIEW cell_metrics AS
 SELECT r.method, r.backbone, r.source, r.target, r.category, r.k_normal, r.k_abnormal,
-       r.seed, r.in_domain, m.level, m.metric, m.value, r.run_id
+       r.seed, r.train_seed, r.in_domain, m.level, m.metric, m.value, r.run_id
 FROM runs r JOIN metrics m USING (run_id);
 
--- Macro-average over the categories of a target, per seed.
+-- Macro-average over the categories of a target, per seed (and training seed).
 CREATE VIEW target_means AS
 SELECT method, backbone, source, target, k_normal, k_abnormal, seed, in_domain, level, metric,
        AVG(value) AS value,
@@ -127,18 +130,25 @@ FROM cell_metrics
 GROUP BY ALL;
 
 -- Mean and standard deviation over seeds of the category macro-average, per
--- (source, target) pair: the heatmap cells.
+-- (source, target) pair: the heatmap cells. A trained method's value at a seed is
+-- first averaged over its training seeds (their spread: nagl/report/main_table.py).
 CREATE VIEW pair_summary AS
+WITH per_seed AS (
+    SELECT method, backbone, source, target, k_normal, k_abnormal, seed, in_domain, level, metric,
+           AVG(value) AS value, MAX(n_categories) AS n_categories
+    FROM target_means
+    GROUP BY ALL
+)
 SELECT method, backbone, source, target, k_normal, k_abnormal, in_domain, level, metric,
        AVG(value) AS mean,
        STDDEV_SAMP(value) AS std,
        COUNT(value) AS n_seeds,
        MAX(n_categories) AS n_categories
-FROM target_means
+FROM per_seed
 GROUP BY ALL;
 
 -- Cross-domain value per seed: for each target, the mean over its cross-domain
--- sources; then the mean over targets. In-domain cells are left out.
+-- sources (and training seeds); then the mean over targets. In-domain cells are left out.
 CREATE VIEW cross_domain_seed AS
 WITH per_target AS (
     SELECT method, backbone, target, k_normal, k_abnormal, seed, level, metric,

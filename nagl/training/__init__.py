@@ -6,6 +6,8 @@
   samplers and the feature store over the feature cache;
 - :mod:`nagl.training.schedule` - epochs, optimiser settings, checkpoint selection
   (the training profiles);
+- :mod:`nagl.training.selection` - checkpoint selection by the image AUROC of
+  held-out source images (``select = "auroc"``);
 - :mod:`nagl.training.loop` - the loop: optimiser, schedule, selection, timing,
   metadata, checkpoint.
 

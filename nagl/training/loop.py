@@ -4,8 +4,12 @@ Training works on cached patch features: the caller passes a lookup from image
 sha256 to features (``FeatureCache.load``, or a dict), so the frozen backbone never
 runs inside the loop. The method builds its loss (:class:`~nagl.methods.base.TrainableMethod`);
 the loop draws the episodes its :meth:`batch_spec` asks for, optimises with AdamW
-and a step schedule, keeps the last epoch or the one with the lowest validation
-loss, and writes the checkpoint with its metadata.
+and a step schedule, keeps the last epoch, the one with the lowest validation
+loss or the one with the highest held-out source image AUROC
+(:mod:`nagl.training.selection`), and writes the checkpoint with its metadata.
+
+The seed sets the three random parts of training: the source validation split,
+the initial weights and the episode order.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from nagl.training.episodes import (
     validation_episodes,
 )
 from nagl.training.schedule import Schedule, schedule_for
+from nagl.training.selection import detection_auroc, detection_sets
 
 
 @dataclass
@@ -161,6 +166,12 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     if schedule.select == "best" and not val_eps:
         raise NaglError(f"source dataset {dataset_dir}: no validation query could be held out with "
                         f"val_fraction={schedule.val_fraction}; set select to 'last' or use a larger source")
+    select_sets = (detection_sets(train_pool, val_pool, spec, schedule.val_references, seed)
+                   if schedule.val_fraction > 0 and schedule.val_references > 0 else [])
+    if schedule.select == "auroc" and not select_sets:
+        raise NaglError(f"source dataset {dataset_dir}: no category keeps both a normal and an anomalous "
+                        f"held-out image with val_fraction={schedule.val_fraction}; set select to 'last' "
+                        f"or use a larger source")
 
     module = model.trainable_module()
     lr_schedules = [torch.optim.lr_scheduler.MultiStepLR(optimiser, list(schedule.milestones), schedule.gamma)
@@ -171,13 +182,21 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
 
     start = time.perf_counter()
     history: list[dict[str, Any]] = []
-    if val_eps:
-        history.append({"epoch": 0, "train_loss": None,
-                        **_prefixed(validation_score(model, val_eps, store, schedule.batch))})
+
+    def validate(row: dict[str, Any]) -> dict[str, Any]:
+        if val_eps:
+            row.update(_prefixed(validation_score(model, val_eps, store, schedule.batch)))
+        if select_sets:
+            row["select_auroc"] = detection_auroc(model, select_sets, store)
+        return row
+
+    if val_eps or select_sets:
+        history.append(validate({"epoch": 0, "train_loss": None}))
     if on_epoch:
         module.eval()
         on_epoch(0, model)
-    best_state, best_loss, selected = copy.deepcopy(module.state_dict()), math.inf, 0
+    # The selection score, higher is better: -validation loss ('best') or the held-out AUROC ('auroc').
+    best_state, best_score, selected = copy.deepcopy(module.state_dict()), -math.inf, 0
     with _progress(progress) as bar:
         task = bar.add_task("train", total=schedule.epochs * steps, info="")
         for epoch in range(1, schedule.epochs + 1):
@@ -192,10 +211,11 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": optimisers[0].param_groups[0]["lr"]}
             for lr_schedule in lr_schedules:
                 lr_schedule.step()
-            if val_eps:
-                row.update(_prefixed(validation_score(model, val_eps, store, schedule.batch)))
-                if schedule.select == "best" and row["val_loss"] < best_loss:
-                    best_loss, selected = row["val_loss"], epoch
+            validate(row)
+            if schedule.select != "last":
+                score = -row["val_loss"] if schedule.select == "best" else row["select_auroc"]
+                if score > best_score:
+                    best_score, selected = score, epoch
                     best_state = copy.deepcopy(module.state_dict())
             history.append(row)
             if on_epoch:
@@ -223,11 +243,12 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
         "backbone": backbone or backbone_identity.split("@")[0],
         "backbone_identity": backbone_identity,
         "grid": list(store.grid),
-        "seed": seed,
+        "train_seed": seed,
         "training_profile": schedule.profile,
         "training": {**asdict(schedule), "method": model.training_settings(), "selected_epoch": selected,
                      "skipped_categories": skipped, "train_categories": train_pool.categories(),
-                     "n_validation_episodes": len(val_eps)},
+                     "n_validation_episodes": len(val_eps),
+                     "n_selection_episodes": sum(len(s.queries) for s in select_sets)},
         "training_config_hash": stable_hash({"schedule": asdict(schedule), "method": model.training_settings()}),
         "history": history,
         "train_seconds": seconds,
@@ -272,7 +293,7 @@ def train_source(method: str, source: str, *, backbone: str = "effnet-lite0", im
     cache = FeatureCache(default_root(), extractor)
     cache.ensure([dataset_dir / p for p in manifest["image_path"]], list(manifest["image_sha256"]),
                  progress=progress, levels=levels)
-    out_dir = Path(out_dir) if out_dir else model_dir(results_dir(), method, backbone, source)
+    out_dir = Path(out_dir) if out_dir else model_dir(results_dir(), method, backbone, source, seed)
     return train_on_source(dataset_dir, cache.load, backbone_identity=extractor.identity, method=method,
                            profile=profile, seed=seed, grid=extractor.grid, overrides=overrides,
                            out_dir=out_dir, source_hash=dataset_content_hash(source), backbone=backbone,
@@ -281,8 +302,9 @@ def train_source(method: str, source: str, *, backbone: str = "effnet-lite0", im
                            level_lookup=cache.load_levels if levels else None)
 
 
-def train_from_config(config: RunConfig, method: str, source: str, out_dir: str | Path) -> TrainResult:
-    """The workflow's train step: the run config's backbone, profile and seed.
+def train_from_config(config: RunConfig, method: str, source: str, train_seed: int,
+                      out_dir: str | Path) -> TrainResult:
+    """The workflow's train step: the run config's backbone and profile, one of its training seeds.
 
     The model is trained for every positive ``k_normal`` (and ``k_abnormal``) of the
     config's shot settings at once, so one checkpoint serves all of them.
@@ -295,5 +317,5 @@ def train_from_config(config: RunConfig, method: str, source: str, out_dir: str 
     if abnormal:
         overrides["abnormal_shots"] = abnormal
     return train_source(method, source, backbone=config.backbone, image_size=config.image_size,
-                        profile=config.training.profile, seed=config.training.seed,
+                        profile=config.training.profile, seed=train_seed,
                         overrides=overrides, out_dir=out_dir, progress=False)

@@ -7,8 +7,9 @@ from snakemake.utils import validate
 from nagl import paths
 from nagl.config import validate_config, write_effective_config
 
-validate(config, schema="../schemas/config.schema.yaml")
+# nagl's own check first: it names renamed settings (training.seed -> training.seeds).
 RUN = validate_config(dict(config), origin="snakemake config")
+validate(config, schema="../schemas/config.schema.yaml")
 
 PY = sys.executable
 RESULTS = RUN.results
@@ -27,6 +28,7 @@ wildcard_constraints:
     target="[a-z0-9][a-z0-9_-]*",
     method="[a-z0-9][a-z0-9_-]*",
     source="[a-z0-9][a-z0-9_-]*|-",
+    train_seed="[0-9]+|-",
 
 
 # Path patterns of the rules' outputs (wildcards in braces).
@@ -38,12 +40,12 @@ def feature_stamp_pattern(dataset="{dataset}"):
     return str(paths.feature_stamp(RESULTS, BACKBONE, dataset))
 
 
-def model_pattern(method="{method}", source="{source}"):
-    return str(paths.model_file(RESULTS, method, BACKBONE, source))
+def model_pattern(method="{method}", source="{source}", train_seed="{train_seed}"):
+    return str(paths.model_file(RESULTS, method, BACKBONE, source, train_seed))
 
 
-def job_pattern(method="{method}", source="{source}", target="{target}"):
-    return str(paths.job_file(RESULTS, method, BACKBONE, source, target))
+def job_pattern(method="{method}", source="{source}", target="{target}", train_seed="{train_seed}"):
+    return str(paths.job_file(RESULTS, method, BACKBONE, source, target, train_seed))
 
 
 def log_pattern(step, name):
@@ -61,19 +63,21 @@ def evaluate_inputs(wildcards):
         "features": feature_stamp_pattern(wildcards.target),
     }
     if wildcards.source != "-":
-        inputs["model"] = model_pattern(wildcards.method, wildcards.source)
+        inputs["model"] = model_pattern(wildcards.method, wildcards.source, wildcards.train_seed)
     return inputs
 
 
 def evaluation_jobs():
-    """One evaluation job per (method, source, target); '-' is the training-free source."""
+    """One evaluation job per (method, source, training seed, target); training-free
+    methods have the source '-' and the training seed '-'."""
     jobs = []
     for target in RUN.targets:
         for method in TRAINABLE:
             for source in RUN.sources:
-                jobs.append(job_pattern(method, source, target))
+                for train_seed in RUN.training.seeds:
+                    jobs.append(job_pattern(method, source, target, train_seed))
         for method in TRAINING_FREE:
-            jobs.append(job_pattern(method, "-", target))
+            jobs.append(job_pattern(method, "-", target, None))
     return jobs
 
 

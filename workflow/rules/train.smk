@@ -1,5 +1,6 @@
-# Trainable methods are trained once per (method, backbone, source) on the
-# source domain only; the checkpoint is chosen on a validation split of the source.
+# Trainable methods are trained once per (method, backbone, source, training seed)
+# on the source domain only; the checkpoint is chosen on held-out images of the
+# source. The training seed sets the validation split, initial weights and episodes.
 
 
 rule train:
@@ -8,14 +9,15 @@ rule train:
     output:
         model_pattern(),
     params:
-        training=RUN.training.as_dict(),
+        training={"profile": RUN.training.profile},
         image_size=RUN.image_size,
         k_normal=list(RUN.shots.k_normal),
     threads: 2
     log:
-        log_pattern("train", "{method}-{source}"),
+        log_pattern("train", "{method}-{source}-{train_seed}"),
     benchmark:
-        benchmark_pattern("train", "{method}-{source}"),
+        benchmark_pattern("train", "{method}-{source}-{train_seed}"),
     shell:
         "{PY} -m nagl step train --method {wildcards.method} --source {wildcards.source} "
+        "--train-seed {wildcards.train_seed} "
         "--config {RUN_CONFIG} --threads {threads} --out {output} > {log} 2>&1"

@@ -1,0 +1,87 @@
+"""Checkpoint selection that tracks detection, on the SOURCE only (``select = "auroc"``).
+
+The benchmark scores a method by the image AUROC of its image scores over the
+queries of a category, against one reference draw. Selection does the same on
+held-out images of the source: for each source category, ``draws`` reference sets
+are drawn once (normal references from the category's training pool, abnormal ones
+from its training-pool anomalies of any defect type, as at test time), and every
+held-out query of the category is scored against each of them. The selection score
+is the mean over (category, draw) of the image AUROC: ``draws x held-out images``
+scored episodes per epoch. Nothing from a target dataset is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nagl.io import stable_hash
+from nagl.methods import TrainableMethod
+from nagl.methods.base import image_scores
+from nagl.training.batch import BatchSpec
+from nagl.training.episodes import FeatureStore, SourcePool
+
+
+@dataclass(frozen=True)
+class DetectionSet:
+    """Held-out queries of one source category, all scored against one reference draw."""
+
+    category: str
+    normal: tuple[int, ...]
+    abnormal: tuple[int, ...]
+    queries: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def detection_sets(train: SourcePool, val: SourcePool, spec: BatchSpec, draws: int, seed: int) -> list[DetectionSet]:
+    """``draws`` reference draws per category that has held-out normal and abnormal images.
+
+    Draw ``d`` uses ``normal_shots[d % n]`` normal and ``abnormal_shots[d % m]``
+    abnormal references, so the trained shot settings take turns.
+    """
+    sets = []
+    for category in train.categories():
+        normals = list(val.normals.get(category, []))
+        anomalies = sorted(i for indices in val.anomalies.get(category, {}).values() for i in indices)
+        if not normals or not anomalies:
+            continue
+        queries = tuple(normals + anomalies)
+        labels = tuple([0] * len(normals) + [1] * len(anomalies))
+        pool_normal = train.normals[category]
+        pool_abnormal = sorted(i for indices in train.anomalies[category].values() for i in indices)
+        for draw in range(draws):
+            rng = np.random.default_rng(int(stable_hash([seed, category, draw, "selection-references"]), 16))
+            k1 = min(int(spec.normal_shots[draw % len(spec.normal_shots)]), len(pool_normal))
+            k2 = min(int(spec.abnormal_shots[draw % len(spec.abnormal_shots)]), len(pool_abnormal))
+            normal = tuple(int(pool_normal[i]) for i in rng.choice(len(pool_normal), size=k1, replace=False))
+            abnormal = tuple(int(pool_abnormal[i]) for i in rng.choice(len(pool_abnormal), size=k2, replace=False))
+            sets.append(DetectionSet(category, normal, abnormal, queries, labels))
+    return sets
+
+
+@torch.no_grad()
+def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: FeatureStore,
+               batch: int = 8) -> np.ndarray:
+    """The method's image scores of a set's queries against its references."""
+    normal = store.features(list(detection_set.normal))
+    abnormal = store.features(list(detection_set.abnormal))
+    masks = (torch.stack([store.mask(r) for r in detection_set.abnormal])
+             if store.mask_size is not None and detection_set.abnormal else None)
+    scores = []
+    for start in range(0, len(detection_set.queries), batch):
+        query = store.features(list(detection_set.queries[start:start + batch]))
+        scores.append(image_scores(method.score(query, normal, abnormal, masks, store.grid)))
+    return torch.cat(scores).numpy().astype(np.float64)
+
+
+def detection_auroc(method: TrainableMethod, sets: Sequence[DetectionSet], store: FeatureStore,
+                    batch: int = 8) -> float:
+    """Mean image AUROC over the sets (the selection score of ``select = "auroc"``)."""
+    from sklearn.metrics import roc_auc_score
+
+    method.trainable_module().eval()
+    values = [roc_auc_score(s.labels, set_scores(method, s, store, batch)) for s in sets]
+    return float(np.mean(values))
