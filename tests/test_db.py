@@ -71,6 +71,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "run_id": hashlib.sha256(key.encode()).hexdigest()[:20],
         "method": method, "backbone": "bb", "backbone_identity": "bb@32:0123", "source": source,
         "target": target, "category": category, "k_normal": k_normal, "k_abnormal": k_abnormal, "seed": seed,
+        "source_datasets": None if source == "-" else [source],
         "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
         "n_queries": len(queries), "n_anomalous_queries": int(queries["label"].sum()),
         "n_pseudo_masks": 0 if target in WITH_MASKS else k_abnormal,

@@ -65,13 +65,20 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
+def train_inputs(wildcards):
+    """The features of every dataset of the source (several for a union source)."""
+    return [feature_stamp_pattern(dataset) for dataset in RUN.source_datasets(wildcards.source)]
+
+
 def evaluation_jobs():
-    """One evaluation job per (method, source, target); '-' is the training-free source."""
+    """One evaluation job per (method, source, target); '-' is the training-free source.
+    A union source is evaluated only on the targets that are not among its datasets."""
     jobs = []
     for target in RUN.targets:
         for method in TRAINABLE:
-            for source in RUN.sources:
-                jobs.append(job_pattern(method, source, target))
+            for source in RUN.training_sources():
+                if target in RUN.source_targets(source):
+                    jobs.append(job_pattern(method, source, target))
         for method in TRAINING_FREE:
             jobs.append(job_pattern(method, "-", target))
     return jobs

@@ -1,10 +1,11 @@
 # Trainable methods are trained once per (method, backbone, source) on the
 # source domain only; the checkpoint is chosen on a validation split of the source.
+# A union source (docs/protocol.md) needs the features of each of its datasets.
 
 
 rule train:
     input:
-        features=feature_stamp_pattern("{source}"),
+        features=train_inputs,
     output:
         model_pattern(),
     params:
