@@ -104,7 +104,8 @@ class RunConfig:
         return [m for m in self.methods if not is_trainable(m)]
 
     def datasets(self) -> list[str]:
-        """The datasets the run needs: its targets, and its sources when a method is trained."""
+        """The datasets the run needs: its targets, and its sources (with the datasets of its
+        union sources) when a method is trained."""
         sources = set(self.sources) | {d for union in self.unions for d in union.datasets}
         return sorted(set(self.targets) | (sources if self.trainable_methods else set()))
 
