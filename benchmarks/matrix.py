@@ -143,7 +143,7 @@ def training_step_seconds(config, scratch: Path) -> float:
     try:
         torch.set_num_threads(2)  # the train rule's threads
         for method in config.trainable_methods:
-            for source in config.sources:
+            for source in config.training_sources():
                 for train_seed in config.training.seeds:
                     loop.train_from_config(config, method, source, train_seed,
                                            scratch / method / source / str(train_seed))

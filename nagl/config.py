@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from nagl.data.unions import UnionSource, leave_one_out
 from nagl.errors import NaglError
 from nagl.io import stable_hash
 from nagl.settings import project_dir
@@ -65,6 +66,36 @@ class RunConfig:
     training: Training
     results: str
     report: str
+    union_sources: str = "none"
+    explicit_unions: tuple[UnionSource, ...] = ()  # the unions written in `sources`
+
+    @property
+    def unions(self) -> tuple[UnionSource, ...]:
+        """The union sources: those written in ``sources``, then those ``union_sources`` adds."""
+        added = leave_one_out(self.sources, self.targets) if self.union_sources == "leave-one-out" else []
+        return (*self.explicit_unions, *added)
+
+    def training_sources(self) -> list[str]:
+        """Every source a trainable method is trained on: the dataset sources, then the unions."""
+        return [*self.sources, *(union.name for union in self.unions)]
+
+    def source_datasets(self, source: str) -> tuple[str, ...]:
+        """The datasets a source is made of (one for a dataset source)."""
+        for union in self.unions:
+            if union.name == source:
+                return union.datasets
+        if source in self.sources:
+            return (source,)
+        raise NaglError(f"source {source!r} is not in the run config; its sources are "
+                        f"{', '.join(self.training_sources()) or '(none)'}")
+
+    def source_targets(self, source: str) -> tuple[str, ...]:
+        """The targets a source is evaluated on: every target for a dataset source, only the
+        targets that are not its members for a union (so a union is never in-domain)."""
+        for union in self.unions:
+            if union.name == source:
+                return union.targets
+        return self.targets
 
     @property
     def trainable_methods(self) -> list[str]:
@@ -75,15 +106,18 @@ class RunConfig:
         return [m for m in self.methods if not is_trainable(m)]
 
     def datasets(self) -> list[str]:
-        """The datasets the run needs: its targets, and its sources when a method is trained."""
-        sources = set(self.sources) if self.trainable_methods else set()
-        return sorted(set(self.targets) | sources)
+        """The datasets the run needs: its targets, and its sources (with the datasets of its
+        union sources) when a method is trained."""
+        sources = set(self.sources) | {d for union in self.unions for d in union.datasets}
+        return sorted(set(self.targets) | (sources if self.trainable_methods else set()))
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (what the workflow's steps read back)."""
         return {
             "backbone": self.backbone, "image_size": self.image_size, "eval_resolution": self.eval_resolution,
-            "methods": list(self.methods), "sources": list(self.sources), "targets": list(self.targets),
+            "methods": list(self.methods), "targets": list(self.targets),
+            "sources": [*self.sources, *(union.as_dict() for union in self.explicit_unions)],
+            "union_sources": self.union_sources,
             "shots": {"k_normal": list(self.shots.k_normal), "k_abnormal": list(self.shots.k_abnormal)},
             "seeds": list(self.seeds), "training": self.training.as_dict(),
             "results": self.results, "report": self.report,
@@ -128,17 +162,21 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
                         + f"\nSee {SCHEMA_PATH} for the allowed settings.")
     raw = _with_defaults(config, rules)
     shots = Shots(tuple(raw["shots"]["k_normal"]), tuple(raw["shots"]["k_abnormal"]))
+    targets = tuple(raw["targets"])
+    explicit = tuple(UnionSource(s["name"], tuple(s["datasets"]), tuple(t for t in targets if t not in s["datasets"]))
+                     for s in raw["sources"] if isinstance(s, Mapping))
     run = RunConfig(
         backbone=raw["backbone"], image_size=int(raw["image_size"]), eval_resolution=int(raw["eval_resolution"]),
-        methods=tuple(raw["methods"]), sources=tuple(raw["sources"]), targets=tuple(raw["targets"]),
-        shots=shots, seeds=tuple(raw["seeds"]),
+        methods=tuple(raw["methods"]), sources=tuple(s for s in raw["sources"] if isinstance(s, str)),
+        targets=targets, shots=shots, seeds=tuple(raw["seeds"]),
         training=Training(raw["training"]["profile"], tuple(int(s) for s in raw["training"]["seeds"])),
-        results=str(raw["results"]), report=str(raw["report"]))
+        results=str(raw["results"]), report=str(raw["report"]),
+        union_sources=str(raw["union_sources"]), explicit_unions=explicit)
     _check_names(run, origin)
     if 0 in shots.k_normal and 0 in shots.k_abnormal:
         raise NaglError(f"{origin}: shots: k_normal and k_abnormal both contain 0, and a cell "
                         f"with no references at all cannot be scored; remove 0 from one list")
-    if run.trainable_methods and not run.sources:
+    if run.trainable_methods and not run.training_sources():
         raise NaglError(f"{origin}: sources is empty but {', '.join(run.trainable_methods)} must be trained "
                         f"on a source dataset; name at least one source")
     return run
@@ -160,12 +198,33 @@ def _check_names(run: RunConfig, origin: str) -> None:
             if name not in known:
                 raise NaglError(f"{origin}: {key}: dataset {name!r} is not in config/datasets.yaml; "
                                 f"known: {', '.join(sorted(known))}")
+    _check_unions(run, origin, set(known))
     _choose(origin, "backbone", run.backbone, list_backbones(), "backbone")
     try:
         backbone_info(run.backbone, run.image_size)
     except NaglError as error:
         raise NaglError(f"{origin}: image_size {run.image_size} does not suit backbone {run.backbone!r}: "
                         f"{error}") from None
+
+
+def _check_unions(run: RunConfig, origin: str, known: set[str]) -> None:
+    """Union sources: members are known datasets, names are new and distinct, each has a target."""
+    seen = set(run.sources)
+    for union in run.unions:
+        where = f"{origin}: sources: union {union.name!r}"
+        if union.name in known:
+            raise NaglError(f"{where} has the name of a dataset in config/datasets.yaml; give the union another name")
+        if union.name in seen:
+            added = " (union_sources: leave-one-out adds a union of this name)" if union not in run.explicit_unions else ""
+            raise NaglError(f"{where} is named twice{added}; give each source its own name")
+        seen.add(union.name)
+        for name in union.datasets:
+            if name not in known:
+                raise NaglError(f"{where}: dataset {name!r} is not in config/datasets.yaml; "
+                                f"known: {', '.join(sorted(known))}")
+        if not union.targets:
+            raise NaglError(f"{where} contains every target ({', '.join(run.targets)}), so no cell could "
+                            f"evaluate it without leakage; add a target that is not one of its datasets")
 
 
 def load_config(path: str | Path | None = None) -> RunConfig:

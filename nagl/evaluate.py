@@ -23,6 +23,7 @@ from nagl.config import TRAINING_FREE_SOURCE, RunConfig, cell_settings_hash, is_
 from nagl.data.images import load_mask, load_rgb
 from nagl.data.layout import read_manifest
 from nagl.data.prepare import dataset_content_hash, dataset_path
+from nagl.data.unions import source_content_hash
 from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
@@ -76,7 +77,7 @@ def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) 
         return False
     # A cell written before `n_pseudo_masks` existed lacks a column of `runs`: rerun it.
     return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
-            and "n_pseudo_masks" in row)
+            and "n_pseudo_masks" in row and "source_datasets" in row)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -140,6 +141,7 @@ class Evaluator:
         self.settings_hash = cell_settings_hash(config, method)
         self.checkpoint_hash = None
         self.train_seconds = None
+        self.source_datasets = None  # what the checkpoint was trained on (several for a union source)
         if self.trainable:
             folder = model_dir(results, method, config.backbone, source, train_seed)
             model_json = model_file(results, method, config.backbone, source, train_seed)
@@ -150,6 +152,7 @@ class Evaluator:
             info = read_json(model_json)
             self.checkpoint_hash = info.get("checkpoint_hash")
             self.train_seconds = info.get("train_seconds")
+            self.source_datasets = list(info.get("source_datasets") or [source])
         else:
             self.method = create_method(method, dim=self.backbone.dim,
                                         **method_class(method).config_for_backbone(self.backbone))
@@ -164,7 +167,7 @@ class Evaluator:
                                                "training": ({"profile": config.training.profile} if self.trainable
                                                             else None)})
         self.target_hash = dataset_content_hash(target)
-        self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
+        self.source_hash = None if source == TRAINING_FREE_SOURCE else source_content_hash(self.source_datasets)[0]
 
     def _check_level_shapes(self) -> None:
         """A multi-level checkpoint must have been trained for this backbone's levels."""
@@ -299,7 +302,8 @@ class Evaluator:
         return {
             "run_id": key.run_id(self.settings_hash), **key.__dict__,
             "backbone_identity": self.backbone.identity,
-            "in_domain": key.source == key.target,
+            "source_datasets": self.source_datasets,
+            "in_domain": key.target in (self.source_datasets or []),
             "image_size": self.config.image_size, "eval_resolution": self.config.eval_resolution,
             "n_queries": n_queries, "n_anomalous_queries": n_anomalous, "n_pseudo_masks": n_pseudo_masks,
             "config_hash": self.settings_hash, "method_config_hash": self.method_config_hash,

@@ -180,6 +180,7 @@ def _run_row(run_id: str, key: tuple, in_domain: bool) -> dict:
         "config_hash": stable_hash(("config",)), "method_config_hash": stable_hash(("method", method)),
         "checkpoint_hash": stable_hash(("checkpoint", source)) if trained else None,
         "source_dataset_hash": dataset_hash(source) if trained else None,
+        "source_datasets": [source] if trained else None,
         "target_dataset_hash": dataset_hash(target),
         "split_hash": stable_hash(("split", target, category, seed)),
         "git_commit": GIT_COMMIT, "nagl_version": "0.1.0", "torch_version": "2.14.1",

@@ -109,8 +109,10 @@ def heatmaps(data: ReportData) -> str:
         "<p>Each cell: the metric on a target dataset (column) for a model trained on a source dataset "
         "(row), macro-averaged over the target's categories, mean over seeds (hover for ± std and "
         "counts). Training-free methods have the single source <code>-</code>. Cells outlined with a "
-        "dotted border and labelled <em>in-domain</em> have source = target: they are shown but left "
-        "out of every cross-domain mean. Grey cells have no value (e.g. pixel metrics of a target "
+        "dotted border and labelled <em>in-domain</em> were trained on the target (source = target, "
+        "or a union source that contains it): they are shown but left out of every cross-domain mean. "
+        "A union source (e.g. <code>all-but-&lt;target&gt;</code>: every other source dataset) is "
+        "evaluated only on the targets it leaves out. Grey cells have no value (e.g. pixel metrics of a target "
         "without masks). One colour scale per metric across methods and shot settings.</p>"
         f'<div class="controls">{controls}</div>'
         '<div id="plot-heatmap" class="plot"></div></section>')

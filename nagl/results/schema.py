@@ -45,6 +45,7 @@ ARROW_TYPES = {
     "BOOLEAN": pa.bool_(),
     "TIMESTAMP": pa.timestamp("us"),
     "BLOB": pa.binary(),
+    "VARCHAR[]": pa.list_(pa.string()),
 }
 
 
@@ -112,6 +113,10 @@ def _check_value(value: Any, data_type: str) -> Any:
     if data_type == "VARCHAR":
         if not isinstance(value, str):
             raise ValueError("a string")
+        return value
+    if data_type == "VARCHAR[]":
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError("a list of strings")
         return value
     if data_type == "TIMESTAMP":
         moment = _timestamp(value)
@@ -229,7 +234,17 @@ def cell_key_path(run: Mapping[str, Any]) -> Path:
 
 
 def check_run(run: dict[str, Any], source: str) -> None:
-    if run["in_domain"] != (run["source"] == run["target"]):
-        raise NaglError(f"{source}: in_domain must be true exactly when source == target")
+    """``source_datasets`` is NULL exactly for the training-free source, names the source itself
+    when it has one dataset, and ``in_domain`` is true exactly when the target is one of them;
+    ``train_seed`` is NULL exactly for the training-free source."""
+    datasets = run["source_datasets"]
+    if (datasets is None) != (run["source"] == TRAINING_FREE_SOURCE) or (datasets is not None and not datasets):
+        raise NaglError(f"{source}: source_datasets must be null exactly for the training-free source '-' "
+                        f"and a non-empty list otherwise")
+    if datasets is not None and len(datasets) == 1 and datasets != [run["source"]]:
+        raise NaglError(f"{source}: a source of one dataset must be that dataset; source_datasets is {datasets} "
+                        f"but source is {run['source']!r}")
+    if run["in_domain"] != (run["target"] in (datasets or [])):
+        raise NaglError(f"{source}: in_domain must be true exactly when the target is one of source_datasets")
     if (run["train_seed"] is None) != (run["source"] == TRAINING_FREE_SOURCE):
         raise NaglError(f"{source}: train_seed must be null exactly for a training-free method (source '-')")

@@ -16,7 +16,7 @@ CREATE TABLE runs (
     k_abnormal          INTEGER NOT NULL,
     seed                INTEGER NOT NULL,     -- reference-draw seed
     train_seed          INTEGER,              -- training seed of the checkpoint; NULL for training-free methods
-    in_domain           BOOLEAN NOT NULL,     -- source = target: kept, left out of cross-domain means
+    in_domain           BOOLEAN NOT NULL,     -- target is one of source_datasets: kept, left out of cross-domain means
     image_size          INTEGER NOT NULL,
     eval_resolution     INTEGER NOT NULL,     -- pixel metrics are computed at this size
     n_queries           INTEGER NOT NULL,
@@ -25,7 +25,8 @@ CREATE TABLE runs (
     config_hash         VARCHAR NOT NULL,     -- hash of the settings that determine the cell (backbone, sizes, training)
     method_config_hash  VARCHAR NOT NULL,     -- hash of the method's own settings
     checkpoint_hash     VARCHAR,              -- NULL for training-free methods
-    source_dataset_hash VARCHAR,              -- DVC content hash; NULL for source '-'
+    source_dataset_hash VARCHAR,              -- DVC content hash (a union source: a hash over its datasets' hashes); NULL for source '-'
+    source_datasets     VARCHAR[],            -- the datasets the source is made of ([source], several for a union); NULL for '-'
     target_dataset_hash VARCHAR NOT NULL,     -- DVC content hash
     split_hash          VARCHAR NOT NULL,     -- hash of the reference split (paths + sha256)
     git_commit          VARCHAR,              -- NULL outside a git checkout

@@ -222,13 +222,26 @@ def validation_episodes(train: SourcePool, val: SourcePool, spec: BatchSpec, cou
 
 
 class FeatureStore:
-    """Features and masks of source images by manifest row, memoised up to ``max_bytes``."""
+    """Features and masks of source images by manifest row, memoised up to ``max_bytes``.
 
-    def __init__(self, items: pd.DataFrame, dataset_dir: Path, lookup: FeatureLookup,
+    ``dataset_dir``: the folder the rows' paths are relative to, or, for a union source,
+    a mapping from each row's ``dataset`` to its folder.
+    """
+
+    def __init__(self, items: pd.DataFrame, dataset_dir: Path | Mapping[str, Path], lookup: FeatureLookup,
                  grid: tuple[int, int] | None, mask_size: int | None = None,
                  max_bytes: int = 4 << 30, level_lookup: LevelLookup | None = None,
                  level_names: Sequence[str] = ()):
-        self.items, self.dir, self.lookup = items, Path(dataset_dir), lookup
+        self.items, self.lookup = items, lookup
+        self.dir, self.dirs = None, None
+        if isinstance(dataset_dir, Mapping):
+            self.dirs = {str(name): Path(folder) for name, folder in dataset_dir.items()}
+            unknown = sorted(set(items["dataset"].astype(str)) - set(self.dirs))
+            if unknown:
+                raise NaglError(f"source rows of datasets {', '.join(unknown)} have no folder; "
+                                f"known folders: {', '.join(sorted(self.dirs))}")
+        else:
+            self.dir = Path(dataset_dir)
         self.mask_size, self.max_bytes, self.used = mask_size, max_bytes, 0
         self.level_lookup, self.level_names = level_lookup, tuple(level_names)
         self._features: dict[int, torch.Tensor] = {}
@@ -289,7 +302,8 @@ class FeatureStore:
             raise NaglError("the method's batch_spec() asks for no masks (mask_size None), but its loss reads one")
         if row not in self._masks:
             path = self.items.at[row, "mask_path"]
-            path = None if path is None or pd.isna(path) else self.dir / str(path)
+            folder = self.dir if self.dirs is None else self.dirs[str(self.items.at[row, "dataset"])]
+            path = None if path is None or pd.isna(path) else folder / str(path)
             self._masks[row] = torch.from_numpy(load_mask(path, self.mask_size))
         return self._masks[row]
 

@@ -27,6 +27,7 @@ import torch
 
 from nagl.config import RunConfig
 from nagl.data.layout import read_manifest
+from nagl.data.unions import source_content_hash, union_manifest
 from nagl.errors import NaglError
 from nagl.io import sha256_file, stable_hash
 from nagl.methods import TrainableMethod, create_method, method_class
@@ -99,11 +100,13 @@ def _prefixed(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {f"val_{k}": v for k, v in metrics.items()}
 
 
-def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbone_identity: str,
+def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features: FeatureLookup, *,
+                    backbone_identity: str,
                     method: str = "nagl", profile: str = "embedded", seed: int = 0,
                     grid: tuple[int, int] | None = None, overrides: Mapping[str, Any] | None = None,
                     method_settings: Mapping[str, Any] | None = None,
                     out_dir: str | Path | None = None, source_hash: str | None = None,
+                    source: str | None = None, member_hashes: Mapping[str, str] | None = None,
                     backbone: str | None = None, backbone_parameters: int = 0,
                     categories: Sequence[str] | None = None,
                     on_epoch: Callable[[int, TrainableMethod], None] | None = None,
@@ -123,6 +126,10 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     A multi-level method (its class sets ``level_group``) also needs ``extractor`` (the
     backbone, for its level shapes: ``config_for_backbone``) and ``level_lookup``
     ``(sha256s, names) -> {level: (N, G_l, C_l)}`` such as ``FeatureCache.load_levels``.
+
+    A union source (``nagl.data.unions``): ``dataset_dir`` maps each member dataset to its
+    folder, ``source`` names the union (its categories are ``<dataset>/<category>``).
+    ``member_hashes``: each member's content hash, recorded in ``source_members``.
     """
     _check_trainable(method)
     schedule = schedule_for(profile, method=method, **dict(overrides or {}))
@@ -135,18 +142,30 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                             f"(extractor=) and a level lookup (level_lookup=), or train it with train_source")
         level_names = cls.feature_levels(extractor)
         backbone_config = cls.config_for_backbone(extractor)
-    dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
+    union = isinstance(dataset_dir, Mapping)
+    if union:
+        if not source:
+            raise NaglError("training on a union source needs its name: pass source=")
+        folders = {str(name): Path(folder) for name, folder in dataset_dir.items()}
+        manifest = union_manifest(folders)
+        where = f"union source {source} ({', '.join(folders)})"
+    else:
+        dataset_dir = Path(dataset_dir)
+        manifest = read_manifest(dataset_dir)
+        where = f"source dataset {dataset_dir}"
     if categories is not None:
         unknown = sorted(set(categories) - set(manifest["category"]))
         if unknown or not categories:
-            raise NaglError(f"source dataset {dataset_dir}: categories {list(categories)} must be a non-empty "
+            raise NaglError(f"{where}: categories {list(categories)} must be a non-empty "
                             f"list of its categories ({', '.join(sorted(manifest['category'].unique()))})")
         manifest = manifest[manifest["category"].isin(list(categories))]
     manifest = manifest.reset_index(drop=True)
-    source = str(manifest["dataset"].iloc[0]) if len(manifest) else dataset_dir.name
+    source = source or (str(manifest["dataset"].iloc[0]) if len(manifest) else dataset_dir.name)
+    if not union:
+        folders = {source: dataset_dir}
 
-    store = FeatureStore(manifest, dataset_dir, features, grid, level_lookup=level_lookup, level_names=level_names)
+    store = FeatureStore(manifest, folders if union else dataset_dir, features, grid,
+                         level_lookup=level_lookup, level_names=level_names)
     model = create_method(method, store.dim, **backbone_config, **dict(method_settings or {}), seed=seed)
     assert isinstance(model, TrainableMethod), f"{method} is trainable but not a TrainableMethod"
     # the optimisers first: a method may read the schedule there that its batch spec depends on
@@ -157,19 +176,19 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
 
     train_pool, val_pool, skipped = split_source(manifest, spec, schedule.val_fraction, seed, source)
     if not train_pool.categories():
-        raise NaglError(f"source dataset {dataset_dir}: no category can form a training episode; each "
+        raise NaglError(f"{where}: no category can form a training episode; each "
                         f"needs >= {max(spec.normal_shots) + 1} normal images and a defect type with "
                         f">= {max(spec.abnormal_shots) + 1} "
                         f"{'masked ' if spec.needs_masks else ''}anomalies")
     val_eps = (validation_episodes(train_pool, val_pool, spec, schedule.val_episodes, seed)
                if schedule.val_fraction > 0 else [])
     if schedule.select == "best" and not val_eps:
-        raise NaglError(f"source dataset {dataset_dir}: no validation query could be held out with "
+        raise NaglError(f"{where}: no validation query could be held out with "
                         f"val_fraction={schedule.val_fraction}; set select to 'last' or use a larger source")
     select_sets = (detection_sets(train_pool, val_pool, spec, schedule.val_references, seed)
                    if schedule.val_fraction > 0 and schedule.val_references > 0 else [])
     if schedule.select == "auroc" and not select_sets:
-        raise NaglError(f"source dataset {dataset_dir}: no category keeps both a normal and an anomalous "
+        raise NaglError(f"{where}: no category keeps both a normal and an anomalous "
                         f"held-out image with val_fraction={schedule.val_fraction}; set select to 'last' "
                         f"or use a larger source")
 
@@ -237,9 +256,14 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     versions = package_versions()
     metadata = {
         "source": source,
-        "source_dir": str(dataset_dir),
-        "source_manifest_sha256": sha256_file(dataset_dir / "manifest.parquet"),
-        "source_dataset_hash": source_hash,
+        "source_dir": None if union else str(dataset_dir),
+        "source_manifest_sha256": None if union else sha256_file(dataset_dir / "manifest.parquet"),
+        "source_dataset_hash": source_hash,  # for a union: nagl.data.unions.union_content_hash
+        "source_datasets": list(folders),
+        "source_members": [{"dataset": name, "dir": str(folder),
+                            "manifest_sha256": sha256_file(folder / "manifest.parquet"),
+                            "content_hash": (member_hashes or {}).get(name, None if union else source_hash)}
+                           for name, folder in folders.items()],
         "backbone": backbone or backbone_identity.split("@")[0],
         "backbone_identity": backbone_identity,
         "grid": list(store.grid),
@@ -271,14 +295,16 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
 
 def train_source(method: str, source: str, *, backbone: str = "effnet-lite0", image_size: int | None = None,
                  profile: str = "embedded", seed: int = 0, overrides: Mapping[str, Any] | None = None,
-                 out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+                 out_dir: str | Path | None = None, progress: bool = True,
+                 datasets: Sequence[str] | None = None) -> TrainResult:
     """Train ``method`` on the prepared dataset ``source``: make sure its features are in
     the feature cache (computing what is missing), then :func:`train_on_source`.
+    With ``datasets``, ``source`` names a union source made of those prepared datasets.
 
     The default ``out_dir`` is the model folder of :func:`nagl.paths.model_dir`
     under the results folder.
     """
-    from nagl.data.prepare import dataset_content_hash, dataset_path
+    from nagl.data.prepare import dataset_path
     from nagl.models.backbones import create_backbone
     from nagl.models.cache import FeatureCache, default_root
     from nagl.paths import model_dir
@@ -286,17 +312,22 @@ def train_source(method: str, source: str, *, backbone: str = "effnet-lite0", im
 
     _check_trainable(method)
     schedule_for(profile, method=method, **dict(overrides or {}))  # fail on bad settings before any feature work
-    dataset_dir = dataset_path(source)
-    manifest = read_manifest(dataset_dir)
+    members = list(datasets) if datasets else [source]
+    folders = {name: dataset_path(name) for name in members}
     extractor = create_backbone(backbone, image_size)
     levels = method_class(method).feature_levels(extractor)
     cache = FeatureCache(default_root(), extractor)
-    cache.ensure([dataset_dir / p for p in manifest["image_path"]], list(manifest["image_sha256"]),
-                 progress=progress, levels=levels)
+    for folder in folders.values():
+        manifest = read_manifest(folder)
+        cache.ensure([folder / p for p in manifest["image_path"]], list(manifest["image_sha256"]),
+                     progress=progress, levels=levels)
+    source_hash, member_hashes = source_content_hash(members)
     out_dir = Path(out_dir) if out_dir else model_dir(results_dir(), method, backbone, source, seed)
-    return train_on_source(dataset_dir, cache.load, backbone_identity=extractor.identity, method=method,
+    return train_on_source(folders if datasets else folders[source], cache.load,
+                           backbone_identity=extractor.identity, method=method,
                            profile=profile, seed=seed, grid=extractor.grid, overrides=overrides,
-                           out_dir=out_dir, source_hash=dataset_content_hash(source), backbone=backbone,
+                           out_dir=out_dir, source_hash=source_hash, source=source if datasets else None,
+                           member_hashes=member_hashes, backbone=backbone,
                            backbone_parameters=extractor.parameter_count(levels),
                            progress=progress, extractor=extractor,
                            level_lookup=cache.load_levels if levels else None)
@@ -316,6 +347,8 @@ def train_from_config(config: RunConfig, method: str, source: str, train_seed: i
         overrides["normal_shots"] = normal
     if abnormal:
         overrides["abnormal_shots"] = abnormal
+    datasets = config.source_datasets(source)
     return train_source(method, source, backbone=config.backbone, image_size=config.image_size,
                         profile=config.training.profile, seed=train_seed,
-                        overrides=overrides, out_dir=out_dir, progress=False)
+                        overrides=overrides, out_dir=out_dir, progress=False,
+                        datasets=None if datasets == (source,) else datasets)

@@ -67,15 +67,22 @@ def evaluate_inputs(wildcards):
     return inputs
 
 
+def train_inputs(wildcards):
+    """The features of every dataset of the source (several for a union source)."""
+    return [feature_stamp_pattern(dataset) for dataset in RUN.source_datasets(wildcards.source)]
+
+
 def evaluation_jobs():
     """One evaluation job per (method, source, training seed, target); training-free
-    methods have the source '-' and the training seed '-'."""
+    methods have the source '-' and the training seed '-'. A union source is evaluated
+    only on the targets that are not among its datasets."""
     jobs = []
     for target in RUN.targets:
         for method in TRAINABLE:
-            for source in RUN.sources:
-                for train_seed in RUN.training.seeds:
-                    jobs.append(job_pattern(method, source, target, train_seed))
+            for source in RUN.training_sources():
+                if target in RUN.source_targets(source):
+                    for train_seed in RUN.training.seeds:
+                        jobs.append(job_pattern(method, source, target, train_seed))
         for method in TRAINING_FREE:
             jobs.append(job_pattern(method, "-", target, None))
     return jobs

@@ -1,11 +1,12 @@
 # Trainable methods are trained once per (method, backbone, source, training seed)
 # on the source domain only; the checkpoint is chosen on held-out images of the
 # source. The training seed sets the validation split, initial weights and episodes.
+# A union source (docs/protocol.md) needs the features of each of its datasets.
 
 
 rule train:
     input:
-        features=feature_stamp_pattern("{source}"),
+        features=train_inputs,
     output:
         model_pattern(),
     params:
