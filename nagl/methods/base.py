@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nagl.errors import NaglError
 from nagl.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, stable_hash
-from nagl.training.batch import BatchSpec, EpisodeBatch
+from nagl.training.batch import BatchSpec, Episode, EpisodeBatch, Features
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "model.json"
@@ -382,6 +382,13 @@ class TrainableMethod(Method):
     def training_settings(self) -> dict[str, Any]:
         """The method's training hyper-parameters, recorded with the checkpoint."""
         return {}
+
+    def calibrate(self, store: Features, episodes: Sequence[Episode]) -> dict[str, Any] | None:
+        """Fix post-training settings on held-out SOURCE validation episodes (the loop calls it
+        once, after checkpoint selection, with its feature store and validation episodes).
+        Returns what was fixed, recorded in the checkpoint's ``model.json`` under ``calibration``;
+        the default does nothing (None)."""
+        return None
 
 
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:

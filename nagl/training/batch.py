@@ -23,13 +23,16 @@ class BatchSpec:
     ``mask_size``: side of the pixel masks the loss reads; abnormal references then
     need a mask (anomalies without one are not used). ``None``: the loss reads no
     masks, and every anomaly can serve. ``abnormal_query_rate``: probability that an
-    episode's query is abnormal.
+    episode's query is abnormal. ``match_defect_type``: an abnormal query has the
+    defect type of its abnormal references (the paper); False: another type of the
+    category where it has one (as at test time, where references are of any type).
     """
 
     normal_shots: tuple[int, ...]
     abnormal_shots: tuple[int, ...]
     mask_size: int | None = None
     abnormal_query_rate: float = 0.5
+    match_defect_type: bool = True
 
     @property
     def needs_masks(self) -> bool:

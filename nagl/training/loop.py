@@ -181,6 +181,7 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
     else:
         module.load_state_dict(best_state)
     module.eval()
+    calibration = model.calibrate(store, val_eps)  # on held-out SOURCE episodes only
     seconds = time.perf_counter() - start
 
     head_total, trainable = model.parameter_counts()
@@ -200,6 +201,7 @@ def train_on_source(dataset_dir: str | Path, features: FeatureLookup, *, backbon
                      "n_validation_episodes": len(val_eps)},
         "training_config_hash": stable_hash({"schedule": asdict(schedule), "method": model.training_settings()}),
         "history": history,
+        "calibration": calibration,
         "train_seconds": seconds,
         "params_head": head_total,
         "params_trainable": trainable,
