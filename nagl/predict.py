@@ -101,9 +101,8 @@ def resolve_model(checkpoint: str | Path | None, method: str | None, backbone: s
     """``(method name, backbone, method)`` from the options, checked against the checkpoint."""
     if checkpoint is None:
         name = method or "nagl"
-        method_class(name)
-        if name == "nagl" and k_abnormal:
-            raise NaglError("nagl with abnormal references needs a trained model: pass --checkpoint "
+        if method_class(name).trainable and k_abnormal:
+            raise NaglError(f"{name} with abnormal references needs a trained model: pass --checkpoint "
                             "(made by `nagl train`), or use --method knn-naive / knn-normal")
         chosen = create_backbone(backbone or DEFAULT_BACKBONE)
         return name, chosen, create_method(name, chosen.dim)

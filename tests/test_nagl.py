@@ -172,7 +172,8 @@ def test_save_load_gives_identical_scores(tmp_path):
     nagl = create_method("nagl", 30, seed=4)
     folder = nagl.save(tmp_path / "ckpt", {"backbone": "toy"})
     info = json.loads((folder / "model.json").read_text())
-    assert info["method"] == "nagl" and info["dim"] == 30 and info["config"] == {"proxies": 25, "heads": 4}
+    assert info["method"] == "nagl" and info["dim"] == 30 and info["config"] == {"proxies": 25, "heads": 4,
+                                                                                  "loss_form": "paper"}
     assert info["checkpoint_hash"] == sha256_file(folder / "weights.safetensors")
     for path in (folder, folder / "weights.safetensors", folder / "model.json"):
         restored = load_method(path)

@@ -322,7 +322,7 @@ def test_calibration_fixes_each_level_constant_at_the_max_normal_log_likelihood(
     perturbed(method.head)
     batch = make_batch()
     batch.masks[:] = False
-    constants = method.calibrate([batch])
+    constants = method.calibrate([batch])["c_l"]
     with torch.no_grad():
         likelihoods = method._level_likelihoods(method._batch_residuals(batch))
     assert constants == pytest.approx([float(ll.max()) for ll in likelihoods], rel=1e-6)

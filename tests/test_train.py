@@ -163,7 +163,8 @@ def test_same_seed_same_weights_and_checkpoint(source, tmp_path):
     assert info["params_trainable"] == info["params_head"] == first.method.parameter_counts()[1]
     assert info["training"]["profile"] == info["training_profile"] == "embedded" and info["train_seconds"] > 0
     assert info["training"]["method"] == {"top_k": 20.0, "mask_size": 256, "focal_alpha": 0.25,
-                                          "focal_gamma": 2.0, "proxies": 25, "heads": 4}  # NAGL's own settings
+                                          "focal_gamma": 2.0, "proxies": 25, "heads": 4,
+                                          "loss_form": "paper"}  # NAGL's own settings
     restored = load_method(tmp_path / "a")
     query = source["cache"].load(list(source["manifest"]["image_sha256"][:3]))
     assert torch.equal(restored.score(query[:1], query[1:2], query[2:3], None, (32, 32)),

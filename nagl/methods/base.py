@@ -446,12 +446,19 @@ class TrainableMethod(Method):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Called before each training epoch (1-based) of ``epochs``."""
 
-    def calibrate(self, batches: Sequence[EpisodeBatch]) -> None:
-        """Called once after training and checkpoint selection, without autograd, when the
-        batch spec asks for ``calibration_images``: fix constants on SOURCE normal images
-        (e.g. ResAD's per-level log-likelihood maxima; keep them in :meth:`state_dict`).
-        Each episode's query is a normal training image, its normal references drawn from
-        its category as in training (never itself), no abnormal references."""
+    def calibrate(self, batches: Sequence[EpisodeBatch]) -> dict[str, Any] | None:
+        """Fix post-training constants on SOURCE episodes; called once by the loop after
+        checkpoint selection, without autograd, when the batch spec asks for it:
+
+        - ``calibration_images > 0``: each episode's query is a normal TRAINING image, its
+          normal references drawn from its category as in training (never itself), no
+          abnormal references (ResAD's per-level log-likelihood maxima);
+        - ``calibrate_on_validation``: the held-out source validation episodes (normal and
+          abnormal queries; nagl-cal's weight of ``s_a``).
+
+        Keep what is fixed in :meth:`state_dict` or the method config; the returned summary
+        is recorded in the checkpoint's ``model.json`` under ``calibration``."""
+        return None
 
 
 def checkpoint_files(path: str | Path) -> tuple[Path, Path]:

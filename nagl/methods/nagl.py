@@ -87,6 +87,19 @@ class AttentionLayer(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The initialisation of PyTorch's multi-head attention, which the reference uses: one
+        xavier-uniform draw over the stacked ``(3C, C)`` query/key/value projection, zero biases;
+        the output projection keeps ``nn.Linear``'s weight init with a zero bias."""
+        stacked = torch.empty(3 * self.q.weight.shape[0], self.q.weight.shape[1])
+        nn.init.xavier_uniform_(stacked)
+        with torch.no_grad():
+            for layer, weight in zip((self.q, self.k, self.v), stacked.chunk(3), strict=True):
+                layer.weight.copy_(weight)
+                nn.init.zeros_(layer.bias)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,7 +132,7 @@ class NaglHead(nn.Module):
         super().__init__()
         self.dim = dim
         self.heads = head_count(dim, heads)
-        self.proxies = nn.Parameter(torch.randn(proxies, dim) * 0.02)
+        self.proxies = nn.Parameter(torch.randn(proxies, dim))  # N(0, 1), as the reference
         self.rm_cross = AttentionLayer(dim, self.heads)
         self.rm_self = AttentionLayer(dim, self.heads)
         self.afl_cross = AttentionLayer(dim, self.heads)
@@ -167,20 +180,61 @@ class NaglLoss:
     focal_gamma: float = 2.0
 
 
+LOSS_FORMS = ("paper", "embedded")
+
+
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
                gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss on probability maps (NAGL's maps are already in [0, 1])."""
+    """Focal loss on probability maps, averaged over every element (the ``embedded`` form:
+    NAGL's maps are already in [0, 1] and are taken as probabilities)."""
     prob = prob.clamp(1e-6, 1 - 1e-6)
     p_t = torch.where(target > 0.5, prob, 1 - prob)
     alpha_t = torch.where(target > 0.5, torch.full_like(prob, alpha), torch.full_like(prob, 1 - alpha))
     return (-alpha_t * (1 - p_t) ** gamma * p_t.log()).mean()
 
 
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """``1 - dice`` per sample and channel, averaged; ``prob``, ``target`` ``(B, K, H, W)``."""
+def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
+                       gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (the paper's form), averaged over every element: with
+    ``p = sigmoid(logits)``, ``-alpha_t (1 - p_t)^gamma log p_t``; ``alpha_t`` is ``alpha`` on
+    positive targets and ``1 - alpha`` on negative ones."""
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = logits.sigmoid()
+    p_t = p * target + (1 - p) * (1 - target)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return (alpha_t * (1 - p_t) ** gamma * ce).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+              channels: str = "mean") -> torch.Tensor:
+    """``1 - dice`` per sample and channel of ``(B, K, H, W)`` maps, averaged over the batch,
+    then averaged (``channels="mean"``) or summed (``"sum"``) over the ``K`` channels."""
     inter = (prob * target).sum(dim=(2, 3))
     total = prob.sum(dim=(2, 3)) + target.sum(dim=(2, 3))
-    return (1 - (2 * inter + eps) / (total + eps)).mean()
+    per_channel = (1 - (2 * inter + eps) / (total + eps)).mean(dim=0)
+    return per_channel.sum() if channels == "sum" else per_channel.mean()
+
+
+def image_loss(t: torch.Tensor, labels: torch.Tensor, form: str) -> torch.Tensor:
+    """Image loss of the image scores ``t`` ``(B,)`` in [0, 1]: ``paper``, cross-entropy of the
+    two-class softmax of the logits ``[1 - t, t]``; ``embedded``, binary cross-entropy of ``t``."""
+    if form == "paper":
+        return F.cross_entropy(torch.stack([1 - t, t], dim=1), labels.long())
+    return F.binary_cross_entropy(t.clamp(1e-6, 1 - 1e-6), labels)
+
+
+def pixel_loss(maps: torch.Tensor, target: torch.Tensor, form: str, alpha: float, gamma: float) -> torch.Tensor:
+    """Focal + dice loss of the two-channel map ``[s_n, s_a]`` ``(B, 2, S, S)`` against ``[1 - mask, mask]``.
+
+    ``paper``: sigmoid focal loss on the maps taken as logits, plus dice on their softmax over
+    the two channels, summed over the channels. ``embedded``: focal loss on the maps taken as
+    probabilities, plus dice on the maps, averaged over the channels.
+    """
+    if form == "paper":
+        return (sigmoid_focal_loss(maps, target, alpha, gamma)
+                + dice_loss(maps.softmax(dim=1), target, channels="sum"))
+    maps = maps.clamp(0, 1)
+    return focal_loss(maps, target, alpha, gamma) + dice_loss(maps, target)
 
 
 @register_method
@@ -194,10 +248,12 @@ class NaglMethod(TrainableMethod):
     name = "nagl"
     loss_settings = NaglLoss()
 
-    def __init__(self, dim: int, proxies: int = 25, heads: int = 4, seed: int = 0):
-        super().__init__(dim, proxies=int(proxies), heads=int(heads))
+    def __init__(self, dim: int, proxies: int = 25, heads: int = 4, seed: int = 0, loss_form: str = "paper"):
+        super().__init__(dim, proxies=int(proxies), heads=int(heads), loss_form=str(loss_form))
         if int(proxies) < 1:
-            raise NaglError(f"nagl: proxies must be >= 1, got {proxies}")
+            raise NaglError(f"{self.name}: proxies must be >= 1, got {proxies}")
+        if loss_form not in LOSS_FORMS:
+            raise NaglError(f"{self.name}: loss_form must be one of {', '.join(LOSS_FORMS)}, got {loss_form!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.head = NaglHead(self.dim, int(proxies), int(heads))
@@ -231,22 +287,27 @@ class NaglMethod(TrainableMethod):
         """Image cross-entropy + focal + dice of a batch, and the image scores ``t`` ``(B,)``."""
         settings = self.loss_settings
         grid = batch.grid
-        query = batch.queries()
-        references = [prepare_references(batch.normal(i), batch.abnormal(i), None, grid,
-                                          patch_masks=pool_masks(batch.abnormal_masks(i), grid))
-                      for i in range(len(batch))]
-        s_n, s_a = self.episode_maps(query, references, grid)
+        form = self.config["loss_form"]
+        s_n, s_a = self.batch_maps(batch)
         S = (s_a + 1 - s_n) / 2
-        t = top_k_mean(S, top_k_count(S.shape[1], settings.top_k)).clamp(1e-6, 1 - 1e-6)
-        image = F.binary_cross_entropy(t, batch.labels())
+        t = top_k_mean(S, top_k_count(S.shape[1], settings.top_k))
+        image = image_loss(t, batch.labels(), form)
         h, w = grid
         maps = torch.stack([s_n, s_a], dim=1).reshape(len(batch), 2, h, w)
         maps = F.interpolate(maps, size=(settings.mask_size, settings.mask_size), mode="bilinear",
-                             align_corners=False).clamp(0, 1)
+                             align_corners=False)
         mask = batch.query_masks().float()[:, None]
         target = torch.cat([1 - mask, mask], dim=1)
-        pixel = focal_loss(maps, target, settings.focal_alpha, settings.focal_gamma) + dice_loss(maps, target)
+        pixel = pixel_loss(maps, target, form, settings.focal_alpha, settings.focal_gamma)
         return image + pixel, t.detach()
+
+    def batch_maps(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s_n, s_a)`` ``(B, G)`` of a batch of training or validation episodes."""
+        grid = batch.grid
+        references = [prepare_references(batch.normal(i), batch.abnormal(i), None, grid,
+                                          patch_masks=pool_masks(batch.abnormal_masks(i), grid))
+                      for i in range(len(batch))]
+        return self.episode_maps(batch.queries(), references, grid)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.head.state_dict()
@@ -311,4 +372,8 @@ class NaglMethod(TrainableMethod):
             _, r_q = nearest_normal(part, refs.bank)
             anomaly = self.head.anomaly_proxies(proxies.expand(part.shape[0], -1, -1), r_q + pos, part)
             s_a.append(abnormal_guided(part, anomaly))
-        return ((torch.cat(s_a) + 1.0 - s_n) / 2.0).reshape(-1, h, w)
+        return self.merge(s_n, torch.cat(s_a)).reshape(-1, h, w)
+
+    def merge(self, s_n: torch.Tensor, s_a: torch.Tensor) -> torch.Tensor:
+        """The merged map ``S = (s_a + 1 - s_n) / 2`` from the two guided maps."""
+        return (s_a + 1.0 - s_n) / 2.0

@@ -449,7 +449,7 @@ class ResadMethod(TrainableMethod):
         return total, scores.reshape(len(batch), -1).amax(dim=1).detach()
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[EpisodeBatch]) -> list[float]:
+    def calibrate(self, batches: Iterable[EpisodeBatch]) -> dict[str, list[float]]:
         """Fix ``c_l`` = max of ``l_l`` over every patch of the given (normal, SOURCE) queries,
         each matched against its own references; stored in the checkpoint. Returns the constants."""
         self.head.eval()
@@ -460,7 +460,7 @@ class ResadMethod(TrainableMethod):
         if any(math.isinf(b) for b in best):
             raise NaglError("resad: no source image to fix the normalisation constants c_l on")
         self.head.calibration.copy_(torch.tensor(best))
-        return best
+        return {"c_l": best}
 
 
 # The code's schedule (Adam, lr 1e-5, weight decay 5e-4, 100 epochs, lr x0.1 at 70 and 90,

@@ -23,16 +23,18 @@ class BatchSpec:
     ``mask_size``: side of the pixel masks the loss reads; abnormal references then
     need a mask (anomalies without one are not used). ``None``: the loss reads no
     masks, and every anomaly can serve. ``abnormal_query_rate``: probability that an
-    episode's query is abnormal.
+    episode's query is abnormal. ``match_defect_type``: an abnormal query has the
+    defect type of its abnormal references (the paper); False: another type of the
+    category where it has one (as at test time, where references are of any type).
 
     Multi-level methods: ``level_group`` names the backbone level group the loss reads
     (:meth:`EpisodeBatch.query_levels`), ``needs_embed`` adds the image embedding.
     ``balanced``: each batch is exactly half abnormal queries (the rest normal), drawn
     from each label's pool of source images in a seeded permutation, cycled; the
     query's references come from its own category. ``normal_only_epochs``: the first
-    epochs draw normal queries only. ``calibration_images``: after training, the method's
-    ``calibrate`` gets episodes whose queries are up to this many normal training images
-    (0: not called).
+    epochs draw normal queries only. ``calibration_images`` / ``calibrate_on_validation``:
+    which source episodes the method's ``calibrate`` gets after training (up to this many
+    normal training images as queries / the held-out validation episodes; neither: not called).
     """
 
     normal_shots: tuple[int, ...]
@@ -44,6 +46,8 @@ class BatchSpec:
     balanced: bool = False
     normal_only_epochs: int = 0
     calibration_images: int = 0
+    calibrate_on_validation: bool = False
+    match_defect_type: bool = True
 
     @property
     def needs_masks(self) -> bool:

@@ -4,7 +4,8 @@ An episode (``../shared/spec/nagl-method.md``): a category drawn uniformly; ``k1
 normal references (``k1`` drawn from the spec's ``normal_shots``); ``k2`` abnormal
 references of one defect type (with masks when the method's loss reads masks); a
 query, abnormal with probability ``abnormal_query_rate`` (an abnormal query has
-the references' defect type); the query is never one of its references.
+the references' defect type, or with ``match_defect_type`` False another type of
+the category where it has one); the query is never one of its references.
 
 Validation queries are a seeded share of each category's images per defect type,
 held out from the SOURCE dataset. Nothing from a target dataset is ever read here.
@@ -106,7 +107,15 @@ def draw_episode(pool: SourcePool, rng: np.random.Generator, spec: BatchSpec) ->
     defect = defects[rng.integers(len(defects))]
     normals, anomalies = pool.normals[category], pool.anomalies[category][defect]
     label = int(rng.random() < spec.abnormal_query_rate)
-    if label:
+    if label and not spec.match_defect_type and len(defects) > 1:
+        # the query keeps `defect`; the references come from another type of the category
+        others = [d for d in defects if d != defect]
+        query = anomalies[rng.integers(len(anomalies))]
+        defect = others[rng.integers(len(others))]
+        references = pool.anomalies[category][defect]
+        abnormal = [references[i] for i in rng.choice(len(references), size=k2, replace=False)]
+        normal = [normals[i] for i in rng.choice(len(normals), size=k1, replace=False)]
+    elif label:
         picked = rng.choice(len(anomalies), size=k2 + 1, replace=False)
         query, abnormal = anomalies[picked[0]], [anomalies[i] for i in picked[1:]]
         normal = [normals[i] for i in rng.choice(len(normals), size=k1, replace=False)]

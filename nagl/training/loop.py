@@ -245,11 +245,15 @@ def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features
     else:
         module.load_state_dict(best_state)
     module.eval()
+    calibration = None
     if spec.calibration_images > 0:
         chosen = calibration_episodes(train_pool, spec, spec.calibration_images, seed)
+    else:
+        chosen = val_eps if spec.calibrate_on_validation else []
+    if chosen:  # on SOURCE episodes only
         with torch.no_grad():
-            model.calibrate([EpisodeBatch(chosen[i:i + schedule.batch], store)
-                             for i in range(0, len(chosen), schedule.batch)])
+            calibration = model.calibrate([EpisodeBatch(chosen[i:i + schedule.batch], store)
+                                           for i in range(0, len(chosen), schedule.batch)])
     seconds = time.perf_counter() - start
 
     head_total, trainable = model.parameter_counts()
@@ -275,6 +279,7 @@ def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features
                      "n_selection_episodes": sum(len(s.queries) for s in select_sets)},
         "training_config_hash": stable_hash({"schedule": asdict(schedule), "method": model.training_settings()}),
         "history": history,
+        "calibration": calibration,
         "train_seconds": seconds,
         "params_head": head_total,
         "params_trainable": trainable,
