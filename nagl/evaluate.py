@@ -32,8 +32,9 @@ from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.paths import cell_dir, model_dir, model_file
-from nagl.protocol import ReferenceSplit, draw_reference_split
+from nagl.protocol import ReferenceCodeSplit, ReferenceSplit, draw_reference_code_split, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
+from nagl.reference_checks import centre_square, check_frame, check_row, draw_swapped_references
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -52,30 +53,35 @@ class CellKey:
     k_normal: int
     k_abnormal: int
     seed: int
+    protocol: str = "clean"
 
     def folder(self, results: Path) -> Path:
         return cell_dir(results, self.method, self.backbone, self.source, self.target, self.category,
-                        self.k_normal, self.k_abnormal, self.seed)
+                        self.k_normal, self.k_abnormal, self.seed, self.protocol)
 
     def run_id(self, settings_hash: str) -> str:
-        return stable_hash({**self.__dict__, "settings": settings_hash}, length=20)
+        # A clean cell keeps the run_id it had before protocols existed.
+        key = {k: v for k, v in self.__dict__.items() if k != "protocol" or v != "clean"}
+        return stable_hash({**key, "settings": settings_hash}, length=20)
 
 
 def feature_cache(backbone: Backbone) -> FeatureCache:
     return FeatureCache(cache_dir() / "features", backbone)
 
 
-def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) -> bool:
+def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, with_checks: bool = False) -> bool:
     run_file = folder / "run.json"
+    if with_checks and not (folder / "reference_checks.parquet").is_file():
+        return False
     if not run_file.is_file():
         return False
     try:
         row = read_json(run_file)
     except (OSError, ValueError):
         return False
-    # A cell written before `n_pseudo_masks` existed lacks a column of `runs`: rerun it.
+    # A cell written before `n_pseudo_masks` or `protocol` existed lacks a column of `runs`: rerun it.
     return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
-            and "n_pseudo_masks" in row)
+            and "n_pseudo_masks" in row and "protocol" in row)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -181,18 +187,89 @@ class Evaluator:
             for seed in sorted(self.config.seeds):
                 keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
                                 category, kn, ka, seed) for kn, ka in settings]
-                todo = [key for key in keys
-                        if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
+                todo = [key for key in keys if not _is_finished(key.folder(self.results), self.settings_hash,
+                                                                 self.checkpoint_hash, self._checks_for(key))]
                 folders += [str(key.folder(self.results)) for key in keys]
-                if not todo:
-                    continue
-                split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
-                self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
-                                     gallery_setting=(max_kn, max_ka))
+                if todo:
+                    split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
+                    self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
+                                         gallery_setting=(max_kn, max_ka))
+                if "reference-code" in self.config.protocols:
+                    folders += self._run_reference_code(category, seed, max(max_kn, 1), max_ka)
         return folders
 
+    def _checks_for(self, key: CellKey) -> bool:
+        """Whether the cell gets the reference-use check (nagl.reference_checks)."""
+        return (self.config.reference_checks and key.protocol == "clean" and key.k_abnormal > 0
+                and self.method.uses_abnormal_references)
+
+    def _run_reference_code(self, category: str, seed: int, max_kn: int, max_ka: int) -> list[str]:
+        """The reference-code protocol's cells of one (category, seed): settings with k_abnormal > 0 only."""
+        keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target, category, kn, ka, seed,
+                        "reference-code") for kn, ka in self.config.shots.settings() if ka > 0]
+        todo = [key for key in keys
+                if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
+        if todo:
+            code = draw_reference_code_split(self.manifest, self.target, category, seed, max_kn, max_ka)
+            self._evaluate_split(code.split, todo, gallery=False, gallery_setting=(max_kn, max_ka), code=code)
+        return [str(key.folder(self.results)) for key in keys]
+
+    def _patch_map(self, query_features: torch.Tensor, normal: torch.Tensor, abnormal: torch.Tensor,
+                   masks: torch.Tensor | None) -> torch.Tensor:
+        """The method's patch maps of the queries, scored in batches of QUERY_BATCH."""
+        patch_maps = []
+        with torch.no_grad():
+            for begin in range(0, len(query_features), QUERY_BATCH):
+                patch_maps.append(self.method.score(query_features[begin:begin + QUERY_BATCH], normal, abnormal,
+                                                    masks, self.backbone.grid))
+        return torch.cat(patch_maps)
+
+    def _reference_code_map(self, code: ReferenceCodeSplit, key: CellKey, query_features: torch.Tensor,
+                            normal: torch.Tensor, abnormal_features: torch.Tensor,
+                            abnormal_masks: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Patch maps where each query is scored with the abnormal references of its assigned defect type."""
+        per_type = len(next(iter(code.by_type.values())))  # code.split.abnormal: each type's references in turn
+        assigned = np.asarray(code.assigned_type)
+        patch_map = torch.empty((len(assigned), *self.backbone.grid))
+        n_pseudo = 0
+        for index, defect in enumerate(code.by_type):
+            refs = slice(index * per_type, index * per_type + key.k_abnormal)
+            masks = abnormal_masks[refs] if abnormal_masks is not None else None
+            n_pseudo += pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            rows = torch.from_numpy(np.flatnonzero(assigned == defect))
+            if len(rows):
+                patch_map[rows] = self._patch_map(query_features[rows], normal, abnormal_features[refs], masks)
+        return patch_map, n_pseudo
+
+    def _swapped_references(self, split: ReferenceSplit, max_ka: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(variant, features, masks) of the reference-use check's swapped abnormal references of one split."""
+        size = self.config.image_size
+        loaded = []
+        for swap in draw_swapped_references(self.manifest, split, max_ka):
+            if swap.square_mask:
+                masks = torch.from_numpy(np.stack([centre_square(size)] * len(swap.rows)))
+            else:
+                masks = torch.from_numpy(self._masks(swap.rows, size)) if self.has_masks else None
+            loaded.append((swap.variant, self._features(swap.rows), masks))
+        return loaded
+
+    def _reference_checks(self, key: CellKey, swapped: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+                          query_features: torch.Tensor, normal_features: torch.Tensor, labels: np.ndarray,
+                          query_masks: np.ndarray | None) -> pd.DataFrame:
+        """The cell's rows of ``reference_checks``: its queries and normal references, abnormal ones swapped."""
+        rows = []
+        for variant, features, masks in swapped:
+            if len(features) < key.k_abnormal:
+                continue  # too few candidates for this many references: no row
+            patch_map = self._patch_map(query_features, normal_features[:key.k_normal], features[:key.k_abnormal],
+                                        masks[:key.k_abnormal] if masks is not None else None)
+            row = check_row(variant, labels, patch_map, query_masks, self.config.eval_resolution)
+            if row is not None:
+                rows.append(row)
+        return check_frame(rows)
+
     def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
-                        gallery_setting: tuple[int, int]) -> None:
+                        gallery_setting: tuple[int, int], code: ReferenceCodeSplit | None = None) -> None:
         size = self.config.image_size
         resolution = self.config.eval_resolution
         queries = split.queries
@@ -202,18 +279,19 @@ class Evaluator:
         abnormal_masks = torch.from_numpy(self._masks(split.abnormal, size)) if self.has_masks else None
         labels = queries["label"].to_numpy()
         query_masks = self._masks(queries, resolution) if self.has_masks else None
-        split_json = split.to_json()
+        split_json = split.to_json() if code is None else code.to_json()
+        checked = [key for key in keys if self._checks_for(key)]
+        swapped = self._swapped_references(split, max(k.k_abnormal for k in checked)) if checked else []
         for key in keys:
             start = time.perf_counter()
-            masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
-            patch_maps = []
-            with torch.no_grad():
-                for begin in range(0, len(queries), QUERY_BATCH):
-                    patch_maps.append(self.method.score(
-                        query_features[begin:begin + QUERY_BATCH], normal_features[:key.k_normal],
-                        abnormal_features[:key.k_abnormal], masks, self.backbone.grid))
-            patch_map = torch.cat(patch_maps)
-            n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            if code is None:
+                masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
+                patch_map = self._patch_map(query_features, normal_features[:key.k_normal],
+                                            abnormal_features[:key.k_abnormal], masks)
+                n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            else:
+                patch_map, n_pseudo = self._reference_code_map(code, key, query_features, normal_features[:key.k_normal],
+                                                               abnormal_features, abnormal_masks)
             scores = image_scores(patch_map).numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start
             in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
@@ -226,10 +304,12 @@ class Evaluator:
                                          "defect_type": queries["defect_type"],
                                          "label": labels.astype(int), "score": scores})
             gallery_frame = _gallery(queries, self.root, maps, self.has_masks) if in_gallery else None
+            eval_seconds = time.perf_counter() - start  # the check below is not the cell's evaluation time
+            checks = (self._reference_checks(key, swapped, query_features, normal_features, labels, query_masks)
+                      if key in checked else None)
             write_cell(key.folder(self.results), self._run_row(key, split, len(queries), int(labels.sum()),
-                                                               score_seconds, time.perf_counter() - start,
-                                                               n_pseudo),
-                       metrics, scores_frame, split_json, gallery_frame)
+                                                               score_seconds, eval_seconds, n_pseudo),
+                       metrics, scores_frame, split_json, gallery_frame, checks)
 
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
                  score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:

@@ -304,6 +304,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     trainable: ClassVar[bool]
+    # False for a method that ignores abnormal references: the reference-use check skips it.
+    uses_abnormal_references: ClassVar[bool] = True
 
     def __init__(self, dim: int, **config: Any):
         if int(dim) <= 0:
