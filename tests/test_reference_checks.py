@@ -272,3 +272,25 @@ def test_a_missing_check_file_reruns_only_its_cell(mini_run):
     assert pd.read_parquet(check_file).equals(pd.read_parquet(io.BytesIO(before)))
     assert (cell / "run.json").stat().st_mtime_ns != stamps[cell / "run.json"]
     assert (other / "run.json").stat().st_mtime_ns == stamps[other / "run.json"]
+
+
+def test_inflation_pairs_the_same_checkpoint_when_runs_have_training_seeds():
+    """With runs.train_seed, a reference-code cell is compared with the clean cell of its own training seed."""
+    from nagl.report.trust import protocol_inflation
+
+    con = duckdb.connect()
+    con.execute("""CREATE TABLE runs (run_id VARCHAR, method VARCHAR, backbone VARCHAR, source VARCHAR,
+        target VARCHAR, category VARCHAR, k_normal INTEGER, k_abnormal INTEGER, seed INTEGER, in_domain BOOLEAN,
+        protocol VARCHAR, train_seed INTEGER)""")
+    con.execute("CREATE TABLE metrics (run_id VARCHAR, level VARCHAR, metric VARCHAR, value DOUBLE)")
+    cells = [("free", "-", None, 0.5, 0.7), ("trained", "s", 0, 0.5, 0.6), ("trained", "s", 1, 0.4, 0.6)]
+    for method, source, train_seed, clean, leaked in cells:
+        for protocol, value in (("clean", clean), ("reference-code", leaked)):
+            run_id = f"{method}{train_seed}{protocol}"
+            con.execute("INSERT INTO runs VALUES (?, ?, 'bb', ?, 't', 'c', 1, 1, 0, false, ?, ?)",
+                        [run_id, method, source, protocol, train_seed])
+            con.execute("INSERT INTO metrics VALUES (?, 'image', 'auroc', ?)", [run_id, value])
+    rows = {r["method"]: r for r in protocol_inflation(con)}
+    assert rows["free"]["inflation"] == pytest.approx(0.2) and rows["free"]["n_cells"] == 1
+    assert rows["trained"]["inflation"] == pytest.approx(0.15) and rows["trained"]["n_cells"] == 2
+    assert rows["trained"]["clean"] == pytest.approx(0.45)
