@@ -96,6 +96,8 @@ class RunConfig:
             if union.name == source:
                 return union.targets
         return self.targets
+    reference_checks: bool = True  # re-score abnormal-reference cells with swapped references
+    protocols: tuple[str, ...] = ("clean",)  # "reference-code" adds the public code's protocol, flagged
 
     @property
     def trainable_methods(self) -> list[str]:
@@ -121,6 +123,7 @@ class RunConfig:
             "shots": {"k_normal": list(self.shots.k_normal), "k_abnormal": list(self.shots.k_abnormal)},
             "seeds": list(self.seeds), "training": self.training.as_dict(),
             "results": self.results, "report": self.report,
+            "reference_checks": self.reference_checks, "protocols": list(self.protocols),
         }
 
 
@@ -171,7 +174,8 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
         targets=targets, shots=shots, seeds=tuple(raw["seeds"]),
         training=Training(raw["training"]["profile"], tuple(int(s) for s in raw["training"]["seeds"])),
         results=str(raw["results"]), report=str(raw["report"]),
-        union_sources=str(raw["union_sources"]), explicit_unions=explicit)
+        union_sources=str(raw["union_sources"]), explicit_unions=explicit,
+        reference_checks=bool(raw["reference_checks"]), protocols=tuple(raw["protocols"]))
     _check_names(run, origin)
     if 0 in shots.k_normal and 0 in shots.k_abnormal:
         raise NaglError(f"{origin}: shots: k_normal and k_abnormal both contain 0, and a cell "

@@ -33,8 +33,9 @@ from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.paths import cell_dir, model_dir, model_file
-from nagl.protocol import ReferenceSplit, draw_reference_split
+from nagl.protocol import ReferenceCodeSplit, ReferenceSplit, draw_reference_code_split, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
+from nagl.reference_checks import centre_square, check_frame, check_row, draw_swapped_references
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -54,30 +55,35 @@ class CellKey:
     k_abnormal: int
     seed: int
     train_seed: int | None  # the checkpoint's training seed; None for a training-free method
+    protocol: str = "clean"
 
     def folder(self, results: Path) -> Path:
         return cell_dir(results, self.method, self.backbone, self.source, self.target, self.category,
-                        self.k_normal, self.k_abnormal, self.seed, self.train_seed)
+                        self.k_normal, self.k_abnormal, self.seed, self.train_seed, self.protocol)
 
     def run_id(self, settings_hash: str) -> str:
-        return stable_hash({**self.__dict__, "settings": settings_hash}, length=20)
+        # A clean cell keeps the run_id it had before protocols existed.
+        key = {k: v for k, v in self.__dict__.items() if k != "protocol" or v != "clean"}
+        return stable_hash({**key, "settings": settings_hash}, length=20)
 
 
 def feature_cache(backbone: Backbone) -> FeatureCache:
     return FeatureCache(cache_dir() / "features", backbone)
 
 
-def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) -> bool:
+def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, with_checks: bool = False) -> bool:
     run_file = folder / "run.json"
+    if with_checks and not (folder / "reference_checks.parquet").is_file():
+        return False
     if not run_file.is_file():
         return False
     try:
         row = read_json(run_file)
     except (OSError, ValueError):
         return False
-    # A cell written before `n_pseudo_masks` existed lacks a column of `runs`: rerun it.
+    # A cell written before `n_pseudo_masks` or `protocol` existed lacks a column of `runs`: rerun it.
     return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
-            and "n_pseudo_masks" in row and "source_datasets" in row)
+            and "n_pseudo_masks" in row and "source_datasets" in row and "protocol" in row)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -231,18 +237,112 @@ class Evaluator:
             for seed in sorted(self.config.seeds):
                 keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
                                 category, kn, ka, seed, self.train_seed) for kn, ka in settings]
-                todo = [key for key in keys
-                        if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
+                todo = [key for key in keys if not _is_finished(key.folder(self.results), self.settings_hash,
+                                                                 self.checkpoint_hash, self._checks_for(key))]
                 folders += [str(key.folder(self.results)) for key in keys]
-                if not todo:
-                    continue
-                split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
-                self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
-                                     gallery_setting=gallery_setting)
+                if todo:
+                    split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
+                    self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
+                                         gallery_setting=gallery_setting)
+                if "reference-code" in self.config.protocols:
+                    folders += self._run_reference_code(category, seed, max(max_kn, 1), max_ka)
         return folders
 
+    def _checks_for(self, key: CellKey) -> bool:
+        """Whether the cell gets the reference-use check (nagl.reference_checks)."""
+        return (self.config.reference_checks and key.protocol == "clean" and key.k_abnormal > 0
+                and self.method.uses_abnormal_refs)
+
+    def _run_reference_code(self, category: str, seed: int, max_kn: int, max_ka: int) -> list[str]:
+        """The reference-code protocol's cells of one (category, seed): settings with k_abnormal > 0 only."""
+        keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target, category, kn, ka, seed,
+                        self.train_seed, "reference-code") for kn, ka in self.shot_settings() if ka > 0]
+        todo = [key for key in keys
+                if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
+        if todo:
+            code = draw_reference_code_split(self.manifest, self.target, category, seed, max_kn, max_ka)
+            self._evaluate_split(code.split, todo, gallery=False, gallery_setting=(max_kn, max_ka), code=code)
+        return [str(key.folder(self.results)) for key in keys]
+
+    def _patch_map(self, query_features, normal, abnormal, masks: torch.Tensor | None,
+                   category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The method's patch maps of the queries, scored in batches of QUERY_BATCH, and its own
+        image scores when the method returns them (else None)."""
+        patch_maps, image_parts = [], []
+        with torch.no_grad():
+            for begin in range(0, _count(query_features), QUERY_BATCH):
+                patch, image = self._score(_rows(query_features, begin, begin + QUERY_BATCH), normal, abnormal,
+                                           masks, category)
+                patch_maps.append(patch)
+                image_parts.append(image)
+        own = torch.cat(image_parts) if image_parts and all(p is not None for p in image_parts) else None
+        return torch.cat(patch_maps), own
+
+    def _image_scores(self, patch_map: torch.Tensor,
+                      own_scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image scores, pixel maps or None)``: the method's own scores, or its ``image_scores``
+        hook (given the pixel maps when it asks for them)."""
+        if own_scores is not None:
+            return own_scores, None
+        pixel_maps = (anomaly_maps(patch_map, self.config.eval_resolution)
+                      if self.method.image_scores_need_pixels else None)
+        with torch.no_grad():
+            return self.method.image_scores(patch_map, pixel_maps), pixel_maps
+
+    def _reference_code_map(self, code: ReferenceCodeSplit, key: CellKey, query_features, normal, abnormal_features,
+                            abnormal_masks: torch.Tensor | None,
+                            category: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Patch maps (and the method's own image scores, if any) where each query is scored with the
+        abnormal references of its assigned defect type; and the number of pseudo-masks."""
+        per_type = len(next(iter(code.by_type.values())))  # code.split.abnormal: each type's references in turn
+        assigned = np.asarray(code.assigned_type)
+        patch_map = torch.empty((len(assigned), *self.backbone.grid))
+        own: torch.Tensor | None = None
+        n_pseudo = 0
+        for index, defect in enumerate(code.by_type):
+            begin = index * per_type
+            masks = abnormal_masks[begin:begin + key.k_abnormal] if abnormal_masks is not None else None
+            n_pseudo += pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            rows = torch.from_numpy(np.flatnonzero(assigned == defect))
+            if len(rows):
+                part, scores = self._patch_map(_select(query_features, rows), normal,
+                                               _rows(abnormal_features, begin, begin + key.k_abnormal), masks, category)
+                patch_map[rows] = part
+                if scores is not None:
+                    own = torch.empty(len(assigned)) if own is None else own
+                    own[rows] = scores
+        return patch_map, own, n_pseudo
+
+    def _swapped_references(self, split: ReferenceSplit, max_ka: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        """(variant, features, masks) of the reference-use check's swapped abnormal references of one split."""
+        size = self.config.image_size
+        loaded = []
+        for swap in draw_swapped_references(self.manifest, split, max_ka):
+            if swap.square_mask:
+                masks = torch.from_numpy(np.stack([centre_square(size)] * len(swap.rows)))
+            else:
+                masks = torch.from_numpy(self._masks(swap.rows, size)) if self.has_masks else None
+            loaded.append((swap.variant, self._features(swap.rows), masks))
+        return loaded
+
+    def _reference_checks(self, key: CellKey, swapped: list[tuple[str, torch.Tensor, torch.Tensor | None]],
+                          query_features: torch.Tensor, normal_features: torch.Tensor, labels: np.ndarray,
+                          query_masks: np.ndarray | None, category: str) -> pd.DataFrame:
+        """The cell's rows of ``reference_checks``: its queries and normal references, abnormal ones swapped."""
+        rows = []
+        for variant, features, masks in swapped:
+            if len(features) < key.k_abnormal:
+                continue  # too few candidates for this many references: no row
+            patch_map, _ = self._patch_map(query_features, _rows(normal_features, 0, key.k_normal),
+                                           _rows(features, 0, key.k_abnormal),
+                                           masks[:key.k_abnormal] if masks is not None else None, category)
+            row = check_row(variant, labels, patch_map, query_masks, self.config.eval_resolution)
+            if row is not None:
+                rows.append(row)
+        return check_frame(rows)
+
     def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
-                        gallery_setting: tuple[int, int]) -> None:
+                        gallery_setting: tuple[int, int], code: ReferenceCodeSplit | None = None) -> None:
         size = self.config.image_size
         resolution = self.config.eval_resolution
         queries = split.queries
@@ -252,31 +352,25 @@ class Evaluator:
         abnormal_masks = torch.from_numpy(self._masks(split.abnormal, size)) if self.has_masks else None
         labels = queries["label"].to_numpy()
         query_masks = self._masks(queries, resolution) if self.has_masks else None
-        split_json = split.to_json()
+        split_json = split.to_json() if code is None else code.to_json()
+        checked = [key for key in keys if self._checks_for(key)]
+        swapped = self._swapped_references(split, max(k.k_abnormal for k in checked)) if checked else []
         for key in keys:
             if not self.method.uses_abnormal_refs and key.k_normal == 0:
                 raise NaglError(f"method {self.method_name!r} uses normal references only; k_normal = 0 "
                                 f"cannot be scored (cell {key})")
             start = time.perf_counter()
-            masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
-            patch_maps, image_parts = [], []
-            with torch.no_grad():
-                for begin in range(0, len(queries), QUERY_BATCH):
-                    patch, image = self._score(
-                        _rows(query_features, begin, begin + QUERY_BATCH), _rows(normal_features, 0, key.k_normal),
-                        _rows(abnormal_features, 0, key.k_abnormal), masks, split.category)
-                    patch_maps.append(patch)
-                    image_parts.append(image)
-            patch_map = torch.cat(patch_maps)
-            n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
-            pixel_maps = None
-            if all(part is not None for part in image_parts):
-                image_score = torch.cat(image_parts)
+            if code is None:
+                masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
+                patch_map, own_scores = self._patch_map(query_features, _rows(normal_features, 0, key.k_normal),
+                                                        _rows(abnormal_features, 0, key.k_abnormal), masks,
+                                                        split.category)
+                n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             else:
-                if self.method.image_scores_need_pixels:
-                    pixel_maps = anomaly_maps(patch_map, resolution)
-                with torch.no_grad():
-                    image_score = self.method.image_scores(patch_map, pixel_maps)
+                patch_map, own_scores, n_pseudo = self._reference_code_map(
+                    code, key, query_features, _rows(normal_features, 0, key.k_normal), abnormal_features,
+                    abnormal_masks, split.category)
+            image_score, pixel_maps = self._image_scores(patch_map, own_scores)
             scores = image_score.numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start
             in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
@@ -291,10 +385,13 @@ class Evaluator:
                                          "defect_type": queries["defect_type"],
                                          "label": labels.astype(int), "score": scores})
             gallery_frame = _gallery(queries, self.root, maps, self.has_masks) if in_gallery else None
+            eval_seconds = time.perf_counter() - start  # the check below is not the cell's evaluation time
+            checks = (self._reference_checks(key, swapped, query_features, normal_features, labels, query_masks,
+                                             split.category)
+                      if key in checked else None)
             write_cell(key.folder(self.results), self._run_row(key, split, len(queries), int(labels.sum()),
-                                                               score_seconds, time.perf_counter() - start,
-                                                               n_pseudo),
-                       metrics, scores_frame, split_json, gallery_frame)
+                                                               score_seconds, eval_seconds, n_pseudo),
+                       metrics, scores_frame, split_json, gallery_frame, checks)
 
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
                  score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:
@@ -323,6 +420,18 @@ def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int
     if isinstance(features, dict):
         return {name: tensor[begin:end] for name, tensor in features.items()}
     return features[begin:end]
+
+
+def _select(features: torch.Tensor | dict[str, torch.Tensor], rows: torch.Tensor):
+    """The rows ``rows`` (an index tensor) of a features tensor or of every level of a dict."""
+    if isinstance(features, dict):
+        return {name: tensor[rows] for name, tensor in features.items()}
+    return features[rows]
+
+
+def _count(features: torch.Tensor | dict[str, torch.Tensor]) -> int:
+    """The number of images in a features tensor or dict of levels."""
+    return len(next(iter(features.values()))) if isinstance(features, dict) else len(features)
 
 
 def evaluate_job(config: RunConfig, method: str, source: str, target: str,

@@ -10,6 +10,7 @@ for a training-free method (as its source is ``-``).
     <results>/models/<method>/<backbone>/<source>/<train seed>/     model folder (model.json)
     <results>/jobs/<method>/<backbone>/<source>/<train seed>/<target>.json  job file
     <results>/cells/<method>/<backbone>/<source>/<train seed>/<target>/<category>/n<k>a<k>s<seed>/
+                                        (``...s<seed>-reference-code/``: the reference-code protocol)
     <results>/benchmark.duckdb                              database
     <results>/run-config.json                               the validated run config
     <results>/logs/<step>/<name>.log
@@ -63,9 +64,10 @@ def cells_dir(results: str | Path) -> Path:
 
 
 def cell_dir(results: str | Path, method: str, backbone: str, source: str, target: str, category: str,
-             k_normal: int, k_abnormal: int, seed: int, train_seed: int | None) -> Path:
-    return (cells_dir(results) / method / backbone / source / train_seed_part(train_seed) / target / category
-            / f"n{k_normal}a{k_abnormal}s{seed}")
+             k_normal: int, k_abnormal: int, seed: int, train_seed: int | None, protocol: str = "clean") -> Path:
+    """A cell's folder; a cell of another protocol than ``clean`` gets the protocol as a suffix."""
+    leaf = f"n{k_normal}a{k_abnormal}s{seed}" + ("" if protocol == "clean" else f"-{protocol}")
+    return cells_dir(results) / method / backbone / source / train_seed_part(train_seed) / target / category / leaf
 
 
 def database(results: str | Path) -> Path:

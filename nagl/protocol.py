@@ -39,6 +39,11 @@ from nagl.errors import NaglError
 from nagl.io import atomic_write_json, canonical_json, read_json
 
 SPLIT_FORMAT = "nagl-reference-split/1"
+# ``runs.protocol``: ``clean`` is ours (the only one in headlines); ``reference-code``
+# reproduces the public code's leaking test protocol (draw_reference_code_split).
+PROTOCOLS = ("clean", "reference-code")
+# ``reference_checks.variant``: the swapped abnormal references of the reference-use check.
+REFERENCE_CHECK_VARIANTS = ("other-category-anomaly", "normal-pseudo-mask")
 _ROLES = ("normal", "abnormal", "queries")
 
 
@@ -238,3 +243,69 @@ def draw_reference_split(
     abnormal = _draw(anomalies, max_k_abnormal, seed_value, 1)
     queries = test[~test["image_path"].isin(set(abnormal["image_path"]))].reset_index(drop=True)
     return ReferenceSplit(str(dataset), str(category), int(seed), normal, abnormal, queries)
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceCodeSplit:
+    """The references of the ``reference-code`` protocol for one (dataset, category, seed).
+
+    ``split`` holds the normal references (those of the clean split), every drawn
+    abnormal reference (per defect type, in type order) and the queries: the whole
+    test set, the abnormal references included. ``by_type`` maps each defect type
+    to its references (nested: the first k serve k_abnormal = k); ``assigned_type``
+    gives, per query of ``split.queries``, the defect type whose references it gets.
+    """
+
+    split: ReferenceSplit
+    by_type: dict[str, pd.DataFrame]
+    assigned_type: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.split.to_json(), "protocol": "reference-code", "assigned_type": list(self.assigned_type)}
+
+
+def draw_reference_code_split(
+    manifest: pd.DataFrame,
+    dataset: str,
+    category: str,
+    seed: int,
+    max_k_normal: int,
+    max_k_abnormal: int,
+) -> ReferenceCodeSplit:
+    """The public reference code's test protocol, reproduced ON PURPOSE to measure its leak.
+
+    Never use it for a clean number: it is the ``reference-code`` protocol of
+    gad-protocol.md's "what the public reference implementations get wrong".
+    Each anomalous query gets ``max_k_abnormal`` abnormal references of its OWN
+    defect type (so the reference choice depends on the query's label), drawn from
+    the evaluated test set itself, and those references stay in the scored queries
+    (a query may be its own reference). A normal query gets the references of a
+    defect type drawn for it at random. Normal references are the clean split's
+    (``train/good``), so clean and reference-code cells differ only in the abnormal
+    side and the query set. Seeded by (dataset, category, seed) like the clean split:
+    each type's references are a seeded permutation of that type's sorted anomalies.
+    """
+    if max_k_abnormal < 1:
+        raise NaglError(f"the reference-code protocol needs k_abnormal >= 1, got {max_k_abnormal}")
+    clean = draw_reference_split(manifest, dataset, category, seed, max_k_normal, 0)
+    test = clean.queries  # no abnormal reference was removed: the whole test set, sorted by path
+    anomalies = test[test["label"] == 1]
+    types = sorted(anomalies["defect_type"].unique())
+    seed_value = split_seed(dataset, category, seed)
+    by_type = {}
+    for index, defect in enumerate(types):
+        candidates = anomalies[anomalies["defect_type"] == defect].reset_index(drop=True)
+        if len(candidates) < max_k_abnormal:
+            raise NaglError(
+                f"{dataset}/{category}: defect type {defect!r} has {len(candidates)} test images, fewer than the "
+                f"{max_k_abnormal} abnormal references of the reference-code protocol; lower k_abnormal or drop "
+                f"`reference-code` from `protocols`"
+            )
+        rng = np.random.default_rng([seed_value, 2, index])
+        by_type[defect] = candidates.iloc[rng.permutation(len(candidates))[:max_k_abnormal]].reset_index(drop=True)
+    normal_draw = np.random.default_rng([seed_value, 3]).integers(len(types), size=len(test))
+    assigned = [defect if label == 1 else types[pick]
+                for defect, label, pick in zip(test["defect_type"], test["label"], normal_draw, strict=True)]
+    abnormal = pd.concat([by_type[t] for t in types], ignore_index=True)
+    split = ReferenceSplit(clean.dataset, clean.category, clean.seed, clean.normal, abnormal, test)
+    return ReferenceCodeSplit(split, by_type, assigned)

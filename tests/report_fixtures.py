@@ -188,6 +188,7 @@ def _run_row(run_id: str, key: tuple, in_domain: bool) -> dict:
         "train_seconds": _train_seconds(source) if trained else None,
         "eval_seconds": round(40 / speed, 4), "images_per_second": round(speed, 3),
         "created_at": CREATED_AT,
+        "protocol": "clean",
     }
 
 

@@ -82,6 +82,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "nagl_version": "0.1.0", "torch_version": "2.0", "python_version": "3.11",
         "train_seconds": None if source == "-" else 12.5, "eval_seconds": 0.5, "images_per_second": 20.0,
         "created_at": "2025-06-01T12:00:00+00:00",
+        "protocol": "clean",
     }
 
 
@@ -168,7 +169,7 @@ def test_ingest_counts_rows(built):
     assert n_cells == 24
     n_splits = sum(len(c) for c in TARGETS.values()) * len(SEEDS)
     assert summary == {"db": str(db), "runs": 24, "metrics": 24 * 7, "scores": 24 * 5, "reference_splits": n_splits,
-                       "models": 3, "datasets": 3, "gallery": 2, "provenance": 2, "unfinished": 0}
+                       "models": 3, "datasets": 3, "gallery": 2, "reference_checks": 0, "provenance": 2, "unfinished": 0}
     counts = {t: fetch(db, f"SELECT count(*) FROM {t}")[0][0]
               for t in ("runs", "metrics", "scores", "reference_splits", "models", "datasets", "gallery", "provenance")}
     assert counts == {"runs": 24, "metrics": 168, "scores": 120, "reference_splits": n_splits * 3,

@@ -257,20 +257,17 @@ def test_abnormal_reference_gains_are_paired_differences_over_seeds(db, page):
 def test_trust_sections_say_not_computed_until_their_data_exists(db, page, tmp_path):
     trust = page.split('<section id="trust">')[1].split("</section>")[0]
     assert trust.count("Not computed") == 2
-    assert "no <code>reference_checks</code> table" in trust and "no <code>protocol</code> column" in trust
+    assert "the <code>reference_checks</code> table is empty" in trust and "no cell was run under both" in trust
 
     copy = build_results_db(tmp_path / "trust.duckdb")
     with duckdb.connect(str(copy)) as con:
-        con.execute("CREATE TABLE reference_checks (run_id VARCHAR, variant VARCHAR, image_auroc DOUBLE, "
-                    "pixel_auroc DOUBLE)")
         con.execute("""INSERT INTO reference_checks
-            SELECT r.run_id, 'shuffled', m.value - 0.1, NULL FROM runs r JOIN metrics m USING (run_id)
+            SELECT r.run_id, 'other-category-anomaly', m.value - 0.1, NULL FROM runs r JOIN metrics m USING (run_id)
             WHERE r.method = 'nagl' AND NOT r.in_domain AND m.level = 'image' AND m.metric = 'auroc'""")
-        con.execute("ALTER TABLE runs ADD COLUMN protocol VARCHAR DEFAULT 'clean'")
     html = build_report(copy, tmp_path / "trust.html", generated=WHEN).read_text(encoding="utf-8")
     checks = body_rows(tables(html)["table-reference-checks"])
     assert len(checks) == 1
-    assert [c["text"] for c in checks[0]["cells"]][:3] == ["nagl", "effnet-lite0", "shuffled"]
+    assert [c["text"] for c in checks[0]["cells"]][:3] == ["nagl", "effnet-lite0", "other-category-anomaly"]
     assert checks[0]["cells"][5]["text"] == "-0.100" and checks[0]["cells"][-1]["text"] == str(2 * 7 * 6 * 3)
     inflation = html.split('<h3 id="protocol-inflation">')[1].split("</h3>")[1]
     assert inflation.startswith('<p class="not-computed">Not computed: no cell was run under both')

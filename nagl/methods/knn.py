@@ -23,6 +23,7 @@ from nagl.methods.registry import register_method
 class KnnNormal(Method):
     name = "knn-normal"
     trainable = False
+    uses_abnormal_refs = False
 
     def __init__(self, dim: int):
         super().__init__(dim)
@@ -44,6 +45,7 @@ class KnnNormal(Method):
 @register_method
 class KnnNaive(KnnNormal):
     name = "knn-naive"
+    uses_abnormal_refs = True
 
     def _merge(self, query: torch.Tensor, refs: References, s_n: torch.Tensor, chunk: int) -> torch.Tensor:
         if refs.k_abnormal == 0:

@@ -16,7 +16,7 @@ import duckdb
 from nagl.errors import NaglError
 from nagl.report import trust
 from nagl.report.main_table import GainRow, MainTable, load_gains, load_main_table
-from nagl.report.sql import Row, rows_of
+from nagl.report.sql import Row, clean_protocol, rows_of
 
 # (level, metric, label): every metric the schema stores, in display order.
 METRICS: tuple[tuple[str, str, str], ...] = (
@@ -133,7 +133,8 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
                MAX(n_sources) AS n_sources
         FROM per_seed GROUP BY ALL
         ORDER BY method, backbone, k_normal, k_abnormal, target, category, level, metric""")
-    data.efficiency = rows_of(con, """
+    clean = clean_protocol(con)  # reference-code cells feed the trust section only
+    data.efficiency = rows_of(con, f"""
         WITH model_stats AS (
             SELECT method, backbone, MIN(params_total) AS params_total_min,
                    MAX(params_total) AS params_total_max, MAX(params_trainable) AS params_trainable,
@@ -142,7 +143,7 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
         run_stats AS (
             SELECT method, backbone, AVG(images_per_second) AS images_per_second,
                    SUM(eval_seconds) AS eval_seconds, COUNT(*) AS n_runs
-            FROM runs GROUP BY ALL)
+            FROM runs r WHERE TRUE {clean} GROUP BY ALL)
         SELECT r.method, r.backbone, m.params_total_min, m.params_total_max, m.params_trainable,
                m.train_seconds, COALESCE(m.n_trained, 0) AS n_trained,
                r.images_per_second, r.eval_seconds, r.n_runs
@@ -150,9 +151,9 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
         ORDER BY r.method, r.backbone""")
     data.speed = {
         (r["method"], r["backbone"], r["k_normal"], r["k_abnormal"]): r["images_per_second"]
-        for r in rows_of(con, """
+        for r in rows_of(con, f"""
             SELECT method, backbone, k_normal, k_abnormal, AVG(images_per_second) AS images_per_second
-            FROM runs WHERE NOT in_domain GROUP BY ALL ORDER BY ALL""")
+            FROM runs r WHERE NOT in_domain {clean} GROUP BY ALL ORDER BY ALL""")
     }
     data.main = load_main_table(con)
     data.gains = load_gains(con, data.main)
@@ -172,7 +173,7 @@ def _gallery(con: duckdb.DuckDBPyConnection) -> list[Row]:
     Preference: a cross-domain run, then the largest shot setting, the lowest
     seed, the first source in alphabetical order.
     """
-    return rows_of(con, """
+    return rows_of(con, f"""
         WITH ranked AS (
             SELECT r.target, r.category, g.image_path, g.label, r.method, r.backbone, r.source,
                    r.k_normal, r.k_abnormal, r.seed, r.in_domain, r.run_id,
@@ -181,6 +182,6 @@ def _gallery(con: duckdb.DuckDBPyConnection) -> list[Row]:
                        PARTITION BY r.target, g.image_path, r.method, r.backbone
                        ORDER BY r.in_domain, r.k_normal DESC, r.k_abnormal DESC, r.seed,
                                 r.source, r.run_id) AS preference
-            FROM gallery g JOIN runs r USING (run_id))
+            FROM gallery g JOIN runs r USING (run_id) WHERE TRUE {clean_protocol(con)})
         SELECT * EXCLUDE (preference) FROM ranked WHERE preference = 1
         ORDER BY target, label DESC, image_path, method, backbone""")

@@ -123,7 +123,7 @@ def gains(table: MainTable | None, rows: list[GainRow]) -> str:
 
 
 def reference_checks(rows: list[Row] | None) -> str:
-    title = '<h3 id="reference-checks">Reference-use check</h3>'
+    title = '<h3 id="reference-checks">Reference-use check: does the method use its abnormal reference?</h3>'
     if rows is None:
         return title + ('<p class="not-computed">Not computed: the database has no <code>reference_checks</code> '
                         "table.</p>")
@@ -135,8 +135,13 @@ def reference_checks(rows: list[Row] | None) -> str:
                   for k in ("own_image_auroc", "check_image_auroc", "image_change",
                             "own_pixel_auroc", "check_pixel_auroc", "pixel_change"))
         + f'<td class="num">{r["n_cells"]}</td></tr>' for r in rows)
-    return (title + "<p>Each cross-domain cell re-scored with altered references (the variant), beside the "
-            "cell's own AUROC: a method that uses its references loses accuracy when they are altered.</p>"
+    return (title + "<p>Each cross-domain clean cell with abnormal references, of a method that takes them, "
+            "re-scored with its abnormal references swapped (same normal references and queries), beside the "
+            "cell's own AUROC. <code>other-category-anomaly</code>: anomalies of another category of the same "
+            "target, with their masks (no row for a target with one category); <code>normal-pseudo-mask</code>: "
+            "normal training images of the category that are not its references, each with a centre-square "
+            "pseudo-mask of half the image side. A method that uses its abnormal reference loses accuracy when "
+            "it is swapped; a change near 0 means it does not.</p>"
             '<div class="scroll"><table id="table-reference-checks" class="data"><thead><tr><th>Method</th>'
             "<th>Backbone</th><th>Variant</th><th>Image AUROC</th><th>… with variant</th><th>Change</th>"
             "<th>Pixel AUROC</th><th>… with variant</th><th>Change</th><th>Cells</th></tr></thead>"

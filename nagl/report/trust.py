@@ -41,17 +41,22 @@ def reference_checks(con: duckdb.DuckDBPyConnection) -> list[Row] | None:
 
 def protocol_inflation(con: duckdb.DuckDBPyConnection) -> list[Row] | None:
     """Per (method, backbone, shots): image AUROC under the reference code minus under the clean protocol."""
-    if "protocol" not in column_names(con, "runs"):
+    columns = column_names(con, "runs")
+    if "protocol" not in columns:
         return None
-    return rows_of(con, """
+    # A cell's key: with training seeds (runs.train_seed, NULL for training-free methods), the same
+    # checkpoint under both protocols.
+    train_seed = ", train_seed" if "train_seed" in columns else ""
+    return rows_of(con, f"""
         WITH cell AS (
             SELECT r.method, r.backbone, r.source, r.target, r.category, r.k_normal, r.k_abnormal, r.seed,
-                   r.protocol, m.value
+                   {"COALESCE(r.train_seed, -1) AS train_seed," if train_seed else ""} r.protocol, m.value
             FROM runs r JOIN metrics m USING (run_id)
             WHERE NOT r.in_domain AND m.level = 'image' AND m.metric = 'auroc'),
         paired AS (
             SELECT c.method, c.backbone, c.k_normal, c.k_abnormal, c.value AS clean, x.value AS reference_code
-            FROM cell c JOIN cell x USING (method, backbone, source, target, category, k_normal, k_abnormal, seed)
+            FROM cell c JOIN cell x
+                USING (method, backbone, source, target, category, k_normal, k_abnormal, seed{train_seed})
             WHERE c.protocol = 'clean' AND x.protocol = 'reference-code')
         SELECT method, backbone, k_normal, k_abnormal, AVG(clean) AS clean, AVG(reference_code) AS reference_code,
                AVG(reference_code - clean) AS inflation, STDDEV_SAMP(reference_code - clean) AS inflation_sd,

@@ -22,6 +22,7 @@ from nagl.results.schema import (
     METRIC_NAMES,
     cell_key_path,
     check_gallery,
+    check_reference_checks,
     check_run,
     check_scores,
     check_split,
@@ -43,6 +44,7 @@ def write_cell(
     scores_df: pd.DataFrame,
     split_json: Mapping[str, Any],
     gallery_df: pd.DataFrame | None = None,
+    reference_checks_df: pd.DataFrame | None = None,
 ) -> None:
     """Write one evaluation cell; every file atomically, ``run.json`` last.
 
@@ -63,6 +65,10 @@ def write_cell(
     gallery = None
     if gallery_df is not None:
         gallery = check_gallery(pa.Table.from_pandas(gallery_df, preserve_index=False), str(folder / "gallery.parquet"))
+    checks = None
+    if reference_checks_df is not None:
+        checks = check_reference_checks(pa.Table.from_pandas(reference_checks_df, preserve_index=False), run,
+                                        str(folder / "reference_checks.parquet"))
 
     folder.mkdir(parents=True, exist_ok=True)
     run_file.unlink(missing_ok=True)
@@ -76,4 +82,8 @@ def write_cell(
         _write_parquet(folder / "gallery.parquet", gallery)
     else:
         (folder / "gallery.parquet").unlink(missing_ok=True)
+    if checks is not None:
+        _write_parquet(folder / "reference_checks.parquet", checks)
+    else:
+        (folder / "reference_checks.parquet").unlink(missing_ok=True)
     atomic_write_json(run_file, {name: plain(run_row[name]) for name in run})

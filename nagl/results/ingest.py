@@ -33,9 +33,11 @@ from nagl.results.schema import (
     ARROW_TYPES,
     CELL_FILES,
     GALLERY_COLUMNS,
+    REFERENCE_CHECK_COLUMNS,
     SCORE_COLUMNS,
     cell_key_path,
     check_gallery,
+    check_reference_checks,
     check_run,
     check_scores,
     check_split,
@@ -99,6 +101,7 @@ class _Collected:
         self.metrics: list[dict[str, Any]] = []
         self.scores: list[pa.Table] = []
         self.gallery: list[pa.Table] = []
+        self.reference_checks: list[pa.Table] = []
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.run_files: dict[str, Path] = {}
         self.unfinished = 0
@@ -129,6 +132,10 @@ class _Collected:
         gallery_file = folder / "gallery.parquet"
         if gallery_file.is_file():
             self.gallery.append(_with_run_id(check_gallery(_read_parquet(gallery_file), str(gallery_file)), run_id))
+        checks_file = folder / "reference_checks.parquet"
+        if checks_file.is_file():
+            checks = check_reference_checks(_read_parquet(checks_file), run, str(checks_file))
+            self.reference_checks.append(_with_run_id(checks, run_id))
         self.runs.append(run)
 
     def _add_split(self, path: Path, run: Mapping[str, Any]) -> None:
@@ -238,6 +245,7 @@ def ingest(
         "models": _arrow_rows("models", _model_rows(results_dir)),
         "datasets": _arrow_rows("datasets", _dataset_rows(datasets)),
         "gallery": _concat(collected.gallery, GALLERY_COLUMNS),
+        "reference_checks": _concat(collected.reference_checks, REFERENCE_CHECK_COLUMNS),
         "provenance": _arrow_rows("provenance", _provenance_rows(provenance)),
     }
 

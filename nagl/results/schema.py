@@ -24,10 +24,10 @@ from nagl import paths
 from nagl.config import TRAINING_FREE_SOURCE
 from nagl.errors import NaglError
 from nagl.metrics import IMAGE_METRICS, PIXEL_METRICS
-from nagl.protocol import verify_split_json
+from nagl.protocol import PROTOCOLS, REFERENCE_CHECK_VARIANTS, verify_split_json
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
-CELL_FILES = ("metrics.json", "scores.parquet", "split.json", "gallery.parquet", "run.json")
+CELL_FILES = ("metrics.json", "scores.parquet", "split.json", "gallery.parquet", "reference_checks.parquet", "run.json")
 METRIC_NAMES = {"image": IMAGE_METRICS, "pixel": PIXEL_METRICS}
 SCORE_COLUMNS = {"image_path": pa.string(), "defect_type": pa.string(), "label": pa.int32(), "score": pa.float64()}
 GALLERY_COLUMNS = {
@@ -37,6 +37,7 @@ GALLERY_COLUMNS = {
     "mask_png": pa.binary(),
     "map_png": pa.binary(),
 }
+REFERENCE_CHECK_COLUMNS = {"variant": pa.string(), "image_auroc": pa.float64(), "pixel_auroc": pa.float64()}
 ARROW_TYPES = {
     "VARCHAR": pa.string(),
     "INTEGER": pa.int32(),
@@ -210,6 +211,24 @@ def check_gallery(gallery: pa.Table, source: str) -> pa.Table:
     return gallery
 
 
+def check_reference_checks(checks: pa.Table, run: Mapping[str, Any], source: str) -> pa.Table:
+    """Rows of a cell's ``reference_checks.parquet``: known variants, once each, AUROCs in [0, 1]."""
+    checks = _typed_table(checks, REFERENCE_CHECK_COLUMNS, source)
+    variants = checks.column("variant").to_pylist()
+    if run["protocol"] != "clean" or run["k_abnormal"] == 0:
+        if variants:
+            raise NaglError(f"{source}: reference checks belong to clean cells with k_abnormal > 0; rerun the cell")
+    unknown = sorted({str(v) for v in variants} - set(REFERENCE_CHECK_VARIANTS))
+    if unknown or len(set(variants)) != len(variants):
+        raise NaglError(f"{source}: variants must be distinct names from {list(REFERENCE_CHECK_VARIANTS)}, "
+                        f"got {variants}; rerun the cell")
+    for name, nullable in (("image_auroc", False), ("pixel_auroc", True)):
+        values = checks.column(name).to_pylist()
+        if any((v is None and not nullable) or (v is not None and not 0.0 <= v <= 1.0) for v in values):
+            raise NaglError(f"{source}: `{name}` must be a number in [0, 1]{' or null' if nullable else ''}; rerun the cell")
+    return checks
+
+
 def check_split(split_json: Any, run: Mapping[str, Any], source: str) -> None:
     """A valid split.json whose hash is the run's split_hash and whose (target, category, seed) is the run's."""
     split_hash = verify_split_json(split_json, source)
@@ -226,7 +245,8 @@ def check_split(split_json: Any, run: Mapping[str, Any], source: str) -> None:
 def cell_dir(results_dir: Path, run: Mapping[str, Any]) -> Path:
     """The folder of the cell that ``run`` (a row of ``runs``) describes (see :func:`nagl.paths.cell_dir`)."""
     return paths.cell_dir(results_dir, run["method"], run["backbone"], run["source"], run["target"],
-                          run["category"], run["k_normal"], run["k_abnormal"], run["seed"], run["train_seed"])
+                          run["category"], run["k_normal"], run["k_abnormal"], run["seed"], run["train_seed"],
+                          run["protocol"])
 
 
 def cell_key_path(run: Mapping[str, Any]) -> Path:
@@ -234,9 +254,11 @@ def cell_key_path(run: Mapping[str, Any]) -> Path:
 
 
 def check_run(run: dict[str, Any], source: str) -> None:
-    """``source_datasets`` is NULL exactly for the training-free source, names the source itself
-    when it has one dataset, and ``in_domain`` is true exactly when the target is one of them;
-    ``train_seed`` is NULL exactly for the training-free source."""
+    """``protocol`` is known; ``source_datasets`` is NULL exactly for the training-free source, names
+    the source itself when it has one dataset, and ``in_domain`` is true exactly when the target is
+    one of them; ``train_seed`` is NULL exactly for the training-free source."""
+    if run["protocol"] not in PROTOCOLS:
+        raise NaglError(f"{source}: protocol must be one of {', '.join(PROTOCOLS)}, got {run['protocol']!r}")
     datasets = run["source_datasets"]
     if (datasets is None) != (run["source"] == TRAINING_FREE_SOURCE) or (datasets is not None and not datasets):
         raise NaglError(f"{source}: source_datasets must be null exactly for the training-free source '-' "

@@ -16,6 +16,8 @@ CREATE TABLE runs (
     k_abnormal          INTEGER NOT NULL,
     seed                INTEGER NOT NULL,     -- reference-draw seed
     train_seed          INTEGER,              -- training seed of the checkpoint; NULL for training-free methods
+    protocol            VARCHAR NOT NULL CHECK (protocol IN ('clean', 'reference-code')),
+                                              -- 'reference-code': the public code's leaking protocol, never in headlines
     in_domain           BOOLEAN NOT NULL,     -- target is one of source_datasets: kept, left out of cross-domain means
     image_size          INTEGER NOT NULL,
     eval_resolution     INTEGER NOT NULL,     -- pixel metrics are computed at this size
@@ -107,6 +109,19 @@ CREATE TABLE gallery (
     map_png     BLOB NOT NULL
 );
 
+-- The reference-use check (docs/protocol.md): a clean cell with k_abnormal > 0
+-- of a method that takes abnormal references, re-scored with its abnormal
+-- references swapped ('other-category-anomaly': anomalies of another category of
+-- the target; 'normal-pseudo-mask': normal target images with a centre-square
+-- pseudo-mask). Same normal references and queries as the cell.
+CREATE TABLE reference_checks (
+    run_id      VARCHAR NOT NULL REFERENCES runs (run_id),
+    variant     VARCHAR NOT NULL CHECK (variant IN ('other-category-anomaly', 'normal-pseudo-mask')),
+    image_auroc DOUBLE NOT NULL,
+    pixel_auroc DOUBLE,                         -- NULL where the target has no masks
+    PRIMARY KEY (run_id, variant)
+);
+
 -- Key/value provenance of the whole run: config (YAML text), package versions,
 -- git commit, ingest date.
 CREATE TABLE provenance (
@@ -116,11 +131,13 @@ CREATE TABLE provenance (
 
 -- ---------------------------------------------------------------- views --
 
--- One row per cell and metric, with the cell's key.
+-- One row per cell and metric, with the cell's key: clean-protocol cells only, so
+-- every view below (and the leaderboard) never sees a reference-code cell.
 CREATE VIEW cell_metrics AS
 SELECT r.method, r.backbone, r.source, r.target, r.category, r.k_normal, r.k_abnormal,
        r.seed, r.train_seed, r.in_domain, m.level, m.metric, m.value, r.run_id
-FROM runs r JOIN metrics m USING (run_id);
+FROM runs r JOIN metrics m USING (run_id)
+WHERE r.protocol = 'clean';
 
 -- Macro-average over the categories of a target, per seed (and training seed).
 CREATE VIEW target_means AS
