@@ -27,13 +27,14 @@ from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method
-from nagl.methods.base import anomaly_maps, image_scores, pseudo_mask_count
+from nagl.methods.base import anomaly_maps, image_scores, nested_normal_scores, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.paths import cell_dir, model_dir, model_file
 from nagl.protocol import ReferenceSplit, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
+from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, is_normal_knn_cell, run_jobs, write_alias
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -65,7 +66,8 @@ def feature_cache(backbone: Backbone) -> FeatureCache:
     return FeatureCache(cache_dir() / "features", backbone)
 
 
-def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) -> bool:
+def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, alias_of: str | None = None) -> bool:
+    """Whether the cell's run.json records these settings (and, for an alias, this canonical cell)."""
     run_file = folder / "run.json"
     if not run_file.is_file():
         return False
@@ -73,9 +75,9 @@ def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None) 
         row = read_json(run_file)
     except (OSError, ValueError):
         return False
-    # A cell written before `n_pseudo_masks` existed lacks a column of `runs`: rerun it.
+    # A cell written before `n_pseudo_masks` or `alias_of` existed lacks a column of `runs`: rerun it.
     return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
-            and "n_pseudo_masks" in row)
+            and "n_pseudo_masks" in row and "alias_of" in row and row["alias_of"] == alias_of)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -154,18 +156,33 @@ class Evaluator:
                                                "training": config.training.as_dict() if self.trainable else None})
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else dataset_content_hash(source)
+        # Features and masks of the current category, loaded once per job (cleared per category).
+        self._feature_memo: dict[str, torch.Tensor] = {}
+        self._mask_memo: dict[tuple[str | None, int], np.ndarray] = {}
+        self.computed: list[str] = []  # the job's cell folders it scores, and those recorded as aliases
+        self.aliased: list[str] = []
 
     # -- features and masks ------------------------------------------------------------
     def _features(self, rows: pd.DataFrame) -> torch.Tensor:
         if rows.empty:
             return torch.zeros(0, self.backbone.grid[0] * self.backbone.grid[1], self.backbone.dim)
-        self.cache.ensure([self.root / p for p in rows["image_path"]], list(rows["image_sha256"]),
-                          progress=False)
-        return self.cache.load(list(rows["image_sha256"]))
+        new = ~rows["image_sha256"].isin(self._feature_memo.keys())
+        if new.any():
+            fresh = rows[new].drop_duplicates("image_sha256")
+            self.cache.ensure([self.root / p for p in fresh["image_path"]], list(fresh["image_sha256"]),
+                              progress=False)
+            self._feature_memo.update(zip(fresh["image_sha256"], self.cache.load(list(fresh["image_sha256"])),
+                                          strict=True))
+        return torch.stack([self._feature_memo[sha] for sha in rows["image_sha256"]])
 
     def _masks(self, rows: pd.DataFrame, size: int) -> np.ndarray:
-        return np.stack([load_mask(self.root / p if isinstance(p, str) else None, size)
-                         for p in rows["mask_path"]]) if len(rows) else np.zeros((0, size, size), bool)
+        if not len(rows):
+            return np.zeros((0, size, size), bool)
+        for path in rows["mask_path"]:
+            key = (path if isinstance(path, str) else None, size)
+            if key not in self._mask_memo:
+                self._mask_memo[key] = load_mask(self.root / path if key[0] else None, size)
+        return np.stack([self._mask_memo[(p if isinstance(p, str) else None, size)] for p in rows["mask_path"]])
 
     # -- one job ----------------------------------------------------------------------
     def run(self) -> list[str]:
@@ -177,22 +194,57 @@ class Evaluator:
         max_kn = max(self.config.shots.k_normal)
         max_ka = max(self.config.shots.k_abnormal)
         gallery_seed = min(self.config.seeds)
+        canonical = self._canonical_cells(categories)
+        # The gallery setting's cells, and the cells that compute them: a computed cell makes the
+        # gallery (of its first category and seed) when it or one of its aliases is a gallery cell.
+        gallery_cells = {key for key in canonical if (key.k_normal, key.k_abnormal) == (max_kn, max_ka)}
+        gallery_cells |= {canonical[key] for key in gallery_cells}
+        self.computed, self.aliased = [], []
         for category in categories:
+            self._feature_memo.clear()
+            self._mask_memo.clear()
             for seed in sorted(self.config.seeds):
                 keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
                                 category, kn, ka, seed) for kn, ka in settings]
-                todo = [key for key in keys
-                        if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
+                aliases = {key: canonical_run_id(self.config, canonical[key]) for key in keys if canonical[key] != key}
+                todo = [key for key in keys if not _is_finished(key.folder(self.results), self.settings_hash,
+                                                                self.checkpoint_hash, aliases.get(key))]
                 folders += [str(key.folder(self.results)) for key in keys]
+                self.computed += [str(key.folder(self.results)) for key in keys if key not in aliases]
+                self.aliased += [str(key.folder(self.results)) for key in aliases]
                 if not todo:
                     continue
                 split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
-                self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
-                                     gallery_setting=(max_kn, max_ka))
+                gallery = gallery_cells if category == gallery_category and seed == gallery_seed else set()
+                self._write_aliases(split, [key for key in todo if key in aliases], aliases, gallery)
+                self._evaluate_split(split, [key for key in todo if key not in aliases], gallery)
         return folders
 
-    def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
-                        gallery_setting: tuple[int, int]) -> None:
+    def _canonical_cells(self, categories: list[str]) -> dict[CellKey, CellKey]:
+        """For every cell of the run on this target, the cell that computes it (nagl.results.aliases)."""
+        keys = [CellKey(method, self.config.backbone, source, self.target, category, kn, ka, seed)
+                for method, source, target in run_jobs(self.config) if target == self.target
+                for category in categories for seed in sorted(self.config.seeds)
+                for kn, ka in self.config.shots.settings()]
+        return canonical_cells(keys, self.config.trainable_methods)
+
+    def _write_aliases(self, split: ReferenceSplit, keys: list[CellKey], aliases: dict[CellKey, str],
+                       gallery: set[CellKey]) -> None:
+        """Record cells computed by another cell of the run: run.json only, nothing scored."""
+        if not keys:
+            return
+        abnormal_masks = (torch.from_numpy(self._masks(split.abnormal, self.config.image_size))
+                          if self.has_masks else None)
+        labels = split.queries["label"].to_numpy()
+        for key in keys:
+            masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
+            n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            row = self._run_row(key, split, len(split.queries), int(labels.sum()), 0.0, 0.0, n_pseudo)
+            for name in MEASURED_COLUMNS:
+                del row[name]  # ingest takes them from the canonical cell
+            write_alias(key.folder(self.results), {**row, "alias_of": aliases[key]}, gallery=key in gallery)
+
+    def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: set[CellKey]) -> None:
         size = self.config.image_size
         resolution = self.config.eval_resolution
         queries = split.queries
@@ -203,20 +255,25 @@ class Evaluator:
         labels = queries["label"].to_numpy()
         query_masks = self._masks(queries, resolution) if self.has_masks else None
         split_json = split.to_json()
+        shared, shared_seconds = self._shared_normal_scores(query_features, normal_features, keys)
         for key in keys:
             start = time.perf_counter()
             masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
-            patch_maps = []
-            with torch.no_grad():
-                for begin in range(0, len(queries), QUERY_BATCH):
-                    patch_maps.append(self.method.score(
-                        query_features[begin:begin + QUERY_BATCH], normal_features[:key.k_normal],
-                        abnormal_features[:key.k_abnormal], masks, self.backbone.grid))
-            patch_map = torch.cat(patch_maps)
+            if key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal):
+                # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
+                patch_map = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid)
+            else:
+                patch_maps = []
+                with torch.no_grad():
+                    for begin in range(0, len(queries), QUERY_BATCH):
+                        patch_maps.append(self.method.score(
+                            query_features[begin:begin + QUERY_BATCH], normal_features[:key.k_normal],
+                            abnormal_features[:key.k_abnormal], masks, self.backbone.grid))
+                patch_map = torch.cat(patch_maps)
             n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             scores = image_scores(patch_map).numpy().astype(np.float64)
-            score_seconds = time.perf_counter() - start
-            in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
+            score_seconds = time.perf_counter() - start + shared_seconds.get(key.k_normal, 0.0)
+            in_gallery = key in gallery
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
             maps = anomaly_maps(patch_map, resolution).numpy() if self.has_masks or in_gallery else None
             metrics = {"image": image_metrics(labels, scores),
@@ -231,11 +288,24 @@ class Evaluator:
                                                                n_pseudo),
                        metrics, scores_frame, split_json, gallery_frame)
 
+    def _shared_normal_scores(self, query_features: torch.Tensor, normal_features: torch.Tensor,
+                              keys: list[CellKey]) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        """``s_n`` of the queries for every k_normal of the cells whose map is ``1 - s_n``, from one
+        search (:func:`nagl.methods.base.nested_normal_scores`), and each cell's share of its time."""
+        shots = sorted({key.k_normal for key in keys if is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal)})
+        if not shots:
+            return {}, {}
+        start = time.perf_counter()
+        with torch.no_grad():
+            scores = nested_normal_scores(query_features.float(), normal_features, shots, chunk=QUERY_BATCH)
+        share = (time.perf_counter() - start) / len(shots)
+        return scores, dict.fromkeys(shots, share)
+
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
                  score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:
         versions = package_versions()
         return {
-            "run_id": key.run_id(self.settings_hash), **key.__dict__,
+            "run_id": key.run_id(self.settings_hash), "alias_of": None, **key.__dict__,
             "backbone_identity": self.backbone.identity,
             "in_domain": key.source == key.target,
             "image_size": self.config.image_size, "eval_resolution": self.config.eval_resolution,

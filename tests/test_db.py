@@ -74,6 +74,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
         "n_queries": len(queries), "n_anomalous_queries": int(queries["label"].sum()),
         "n_pseudo_masks": 0 if target in WITH_MASKS else k_abnormal,
+        "alias_of": None,
         "config_hash": "cfg", "method_config_hash": "mcfg",
         "checkpoint_hash": None if source == "-" else "ckpt", "source_dataset_hash": None if source == "-" else f"md5-{source}",
         "target_dataset_hash": f"md5-{target}", "split_hash": split.hash, "git_commit": None,

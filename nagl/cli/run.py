@@ -80,14 +80,18 @@ def step_evaluate(
 ) -> None:
     """Evaluate every cell of (METHOD, SOURCE, TARGET); finished cells are skipped."""
     from nagl.config import read_effective_config
-    from nagl.evaluate import evaluate_job
+    from nagl.evaluate import Evaluator
     from nagl.io import atomic_write_json
 
     _threads(threads)
     start = time.perf_counter()
-    cells = evaluate_job(read_effective_config(config), method, source, target)
-    atomic_write_json(out, {"method": method, "source": source, "target": target,
-                            "cells": cells, "seconds": time.perf_counter() - start})
+    settings = read_effective_config(config)
+    evaluator = Evaluator(settings, method, source, target, Path(settings.results))
+    cells = evaluator.run()
+    # `cells` (every cell of the job) is what ingest reads; `aliases` were recorded, not computed.
+    atomic_write_json(out, {"method": method, "source": source, "target": target, "cells": cells,
+                            "computed": evaluator.computed, "aliases": evaluator.aliased,
+                            "seconds": time.perf_counter() - start})
 
 
 @step_app.command("ingest")
