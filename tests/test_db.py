@@ -167,7 +167,8 @@ def test_ingest_counts_rows(built):
     assert n_cells == 24
     n_splits = sum(len(c) for c in TARGETS.values()) * len(SEEDS)
     assert summary == {"db": str(db), "runs": 24, "metrics": 24 * 7, "scores": 24 * 5, "reference_splits": n_splits,
-                       "models": 3, "datasets": 3, "gallery": 2, "provenance": 2, "unfinished": 0}
+                       "models": 3, "datasets": 3, "gallery": 2, "provenance": 2, "unfinished": 0,
+                       "aliases": 0}
     counts = {t: fetch(db, f"SELECT count(*) FROM {t}")[0][0]
               for t in ("runs", "metrics", "scores", "reference_splits", "models", "datasets", "gallery", "provenance")}
     assert counts == {"runs": 24, "metrics": 168, "scores": 120, "reference_splits": n_splits * 3,

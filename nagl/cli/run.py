@@ -19,9 +19,34 @@ step_app = typer.Typer(help="Single workflow steps, as Snakemake's rules run the
 
 
 def _threads(threads: int) -> None:
+    """Set up a compute step's process: torch threads, and an allocator that keeps freed memory."""
     import torch
 
     torch.set_num_threads(max(1, threads))
+    _retain_freed_memory()
+
+
+def _retain_freed_memory() -> None:
+    """Let glibc keep freed memory for the next allocation instead of returning it to the system.
+
+    A step allocates and frees the same large blocks over and over (score blocks, pixel
+    maps, the metrics' sort keys). By default glibc unmaps or trims them, and every
+    4 KiB touched again is a page fault: most of an evaluation job's system time. The
+    peak resident memory is unchanged (freed blocks are reused, not added). Elsewhere
+    (not glibc) this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: trim the heap only above 1 GiB of free top
+        mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB (glibc's maximum) come from the heap
 
 
 @step_app.command("features")
