@@ -166,6 +166,14 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
             GROUP BY ALL""").fetchall()
         assert len(pairs) == 6 and all(row[6] and row[7] for row in pairs)
         assert all(row[3] == "knn-normal" and row[5] == 0 and row[1] == row[4] for row in pairs)
+        # Every method keeps its gallery at the largest setting, the alias's copied from the computed cell.
+        galleries = con.execute("""
+            SELECT r.method, r.k_normal, r.k_abnormal, r.alias_of IS NOT NULL, list(g.map_png ORDER BY g.image_path)
+            FROM gallery g JOIN runs r USING (run_id) GROUP BY ALL ORDER BY ALL""").fetchall()
+        at_largest = {row[0]: row for row in galleries if (row[1], row[2]) == (2, 1)}
+        assert sorted(at_largest) == ["knn-naive", "knn-normal", "nagl"] and at_largest["knn-normal"][3]
+        computed_map = [row[4] for row in galleries if row[0] == "knn-normal" and (row[1], row[2]) == (2, 0)]
+        assert computed_map == [at_largest["knn-normal"][4]]
         nagl_alias = dict(con.execute("""
             SELECT m.level || '.' || m.metric, m.value FROM runs r JOIN metrics m USING (run_id)
             WHERE r.method = 'nagl' AND r.k_normal = 2 AND r.k_abnormal = 0""").fetchall())
