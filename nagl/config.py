@@ -72,6 +72,16 @@ class RunConfig:
     def training_free_methods(self) -> list[str]:
         return [m for m in self.methods if not is_trainable(m)]
 
+    def evaluation_jobs(self) -> list[tuple[str, str, str]]:
+        """Every evaluation job ``(method, source, target)`` of the run, in the workflow's order;
+        training-free methods have the source ``'-'``."""
+        jobs = []
+        for target in self.targets:
+            for method in self.trainable_methods:
+                jobs += [(method, source, target) for source in self.sources]
+            jobs += [(method, TRAINING_FREE_SOURCE, target) for method in self.training_free_methods]
+        return jobs
+
     def datasets(self) -> list[str]:
         """The datasets the run needs: its targets, and its sources when a method is trained."""
         sources = set(self.sources) if self.trainable_methods else set()

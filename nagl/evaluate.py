@@ -34,7 +34,7 @@ from nagl.models.cache import FeatureCache
 from nagl.paths import cell_dir, model_dir, model_file
 from nagl.protocol import ReferenceSplit, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
-from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, is_normal_knn_cell, run_jobs, write_alias
+from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, is_normal_knn_cell, write_alias
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -223,7 +223,7 @@ class Evaluator:
     def _canonical_cells(self, categories: list[str]) -> dict[CellKey, CellKey]:
         """For every cell of the run on this target, the cell that computes it (nagl.results.aliases)."""
         keys = [CellKey(method, self.config.backbone, source, self.target, category, kn, ka, seed)
-                for method, source, target in run_jobs(self.config) if target == self.target
+                for method, source, target in self.config.evaluation_jobs() if target == self.target
                 for category in categories for seed in sorted(self.config.seeds)
                 for kn, ka in self.config.shots.settings()]
         return canonical_cells(keys, self.config.trainable_methods)

@@ -112,7 +112,6 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
     from nagl.metrics import image_metrics
     from nagl.paths import database, feature_stamp, job_file, model_dir
     from nagl.protocol import draw_reference_split
-    from nagl.results.aliases import run_jobs
     from nagl.results.ingest import ingest_run
 
     root = project(MINI_REGISTRY)
@@ -134,7 +133,7 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
                "train_seconds": 1.0})
 
     jobs = []
-    for method, source, target in run_jobs(config):
+    for method, source, target in config.evaluation_jobs():
         job = job_file(config.results, method, config.backbone, source, target)
         step_evaluate(method=method, source=source, target=target, config=run_config, out=job, threads=1)
         jobs.append(job)

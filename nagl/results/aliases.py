@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from nagl.config import TRAINING_FREE_SOURCE, RunConfig, cell_settings_hash
+from nagl.config import RunConfig, cell_settings_hash
 from nagl.errors import NaglError
 from nagl.io import atomic_write_json
 from nagl.results.schema import plain, schema_columns
@@ -51,16 +51,6 @@ def is_normal_knn_cell(method: str, k_normal: int, k_abnormal: int) -> bool:
     if k_normal <= 0:
         return False
     return method in IGNORES_ABNORMAL or (k_abnormal == 0 and method in NORMAL_ONLY_WITHOUT_ABNORMAL)
-
-
-def run_jobs(config: RunConfig) -> list[tuple[str, str, str]]:
-    """Every evaluation job ``(method, source, target)`` of the run, in the workflow's order."""
-    jobs = []
-    for target in config.targets:
-        for method in config.trainable_methods:
-            jobs += [(method, source, target) for source in config.sources]
-        jobs += [(method, TRAINING_FREE_SOURCE, target) for method in config.training_free_methods]
-    return jobs
 
 
 def _group(key: Any) -> tuple | None:

@@ -66,15 +66,9 @@ def evaluate_inputs(wildcards):
 
 
 def evaluation_jobs():
-    """One evaluation job per (method, source, target); '-' is the training-free source."""
-    jobs = []
-    for target in RUN.targets:
-        for method in TRAINABLE:
-            for source in RUN.sources:
-                jobs.append(job_pattern(method, source, target))
-        for method in TRAINING_FREE:
-            jobs.append(job_pattern(method, "-", target))
-    return jobs
+    """One evaluation job per (method, source, target); '-' is the training-free source.
+    The evaluator reads the same list (RunConfig.evaluation_jobs) to find which job computes an alias's cell."""
+    return [job_pattern(method, source, target) for method, source, target in RUN.evaluation_jobs()]
 
 
 def run_manifests():
