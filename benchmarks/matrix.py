@@ -18,7 +18,8 @@ workflow/scripts/jobtime.py), and the ratio of a stage to its floor:
   ``loss.backward()`` to its ``optimiser.step()``, plus the loss), timed in-process on a
   rerun of each training with the same config;
 - evaluate: the cells' pure scoring time (method forward on cached features and
-  image scores: ``n_queries / images_per_second`` of every row of ``runs``).
+  image scores: ``n_queries / images_per_second`` of every computed row of ``runs``;
+  an alias cell is not scored, docs/architecture.md).
 
 Per-job start-up: a fresh interpreter importing the CLI and nagl.evaluate (the
 imports an evaluation job pays before its work), best of 3, times the jobs.
@@ -239,9 +240,11 @@ def main() -> None:
 
     config = load_config(root / args.config)
     with duckdb.connect(str(root / paths.database(config.results)), read_only=True) as con:
-        cells = con.execute("SELECT count(*) FROM runs").fetchone()[0]
+        cells, aliased = con.execute("SELECT count(*), count(alias_of) FROM runs").fetchone()
         images = con.execute("SELECT sum(n_images) FROM datasets").fetchone()[0]
-        score_seconds = con.execute("SELECT sum(n_queries / images_per_second) FROM runs").fetchone()[0]
+        # An alias was not scored (it carries its canonical cell's timings): computed cells only.
+        score_seconds = con.execute(
+            "SELECT sum(n_queries / images_per_second) FROM runs WHERE alias_of IS NULL").fetchone()[0]
     computed = sum(json.loads(p.read_text())["computed"]
                    for p in (root / paths.feature_stamp(config.results, config.backbone, "-")).parent.glob("*.json"))
     cached = sum(1 for _ in (root / ".cache" / "nagl" / "features").rglob("*.npy"))
@@ -256,7 +259,7 @@ def main() -> None:
     print(f"full matrix, clean start:   {full_seconds / 60:.1f} min ({full_seconds:.0f} s)")
     print(f"rerun, nothing changed:     {rerun_seconds:.1f} s (exit {code})")
     print(f"peak memory (process tree): {peak / 2**30:.2f} GiB")
-    print(f"cells in the database:      {cells}")
+    print(f"cells in the database:      {cells} ({cells - aliased} computed, {aliased} aliases of them)")
     print(f"images in the datasets:     {images}")
     print(f"backbone passes:            {computed} ({computed / images:.2f} per image; "
           f"{cached} feature files in the cache)")

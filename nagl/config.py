@@ -107,6 +107,18 @@ class RunConfig:
     def training_free_methods(self) -> list[str]:
         return [m for m in self.methods if not is_trainable(m)]
 
+    def evaluation_jobs(self) -> list[tuple[str, str, int | None, str]]:
+        """Every evaluation job ``(method, source, training seed, target)`` of the run, in the
+        workflow's order; training-free methods have the source ``'-'`` and no training seed.
+        A union source is evaluated only on the targets that are not among its datasets."""
+        jobs: list[tuple[str, str, int | None, str]] = []
+        for target in self.targets:
+            for method in self.trainable_methods:
+                jobs += [(method, source, train_seed, target) for source in self.training_sources()
+                         if target in self.source_targets(source) for train_seed in self.training.seeds]
+            jobs += [(method, TRAINING_FREE_SOURCE, None, target) for method in self.training_free_methods]
+        return jobs
+
     def datasets(self) -> list[str]:
         """The datasets the run needs: its targets, and its sources (with the datasets of its
         union sources) when a method is trained."""

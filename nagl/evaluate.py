@@ -28,7 +28,7 @@ from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method, method_class
-from nagl.methods.base import anomaly_maps, pseudo_mask_count
+from nagl.methods.base import anomaly_maps, nested_normal_scores, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
@@ -36,6 +36,7 @@ from nagl.paths import cell_dir, model_dir, model_file
 from nagl.protocol import ReferenceCodeSplit, ReferenceSplit, draw_reference_code_split, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
 from nagl.reference_checks import centre_square, check_frame, check_row, draw_swapped_references
+from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, is_normal_knn_cell, write_alias
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -71,7 +72,10 @@ def feature_cache(backbone: Backbone) -> FeatureCache:
     return FeatureCache(cache_dir() / "features", backbone)
 
 
-def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, with_checks: bool = False) -> bool:
+def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, with_checks: bool = False,
+                 alias_of: str | None = None) -> bool:
+    """Whether the cell's run.json records these settings (for an alias: this canonical cell; with
+    ``with_checks``: its reference-use check is written too)."""
     run_file = folder / "run.json"
     if with_checks and not (folder / "reference_checks.parquet").is_file():
         return False
@@ -81,9 +85,10 @@ def _is_finished(folder: Path, settings_hash: str, checkpoint_hash: str | None, 
         row = read_json(run_file)
     except (OSError, ValueError):
         return False
-    # A cell written before `n_pseudo_masks` or `protocol` existed lacks a column of `runs`: rerun it.
+    # A cell written before a column of `runs` existed lacks it: rerun it.
     return (row.get("config_hash") == settings_hash and row.get("checkpoint_hash") == checkpoint_hash
-            and "n_pseudo_masks" in row and "source_datasets" in row and "protocol" in row)
+            and all(name in row for name in ("n_pseudo_masks", "source_datasets", "protocol", "alias_of"))
+            and row["alias_of"] == alias_of)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -174,6 +179,11 @@ class Evaluator:
                                                             else None)})
         self.target_hash = dataset_content_hash(target)
         self.source_hash = None if source == TRAINING_FREE_SOURCE else source_content_hash(self.source_datasets)[0]
+        # Features and masks of the current category, loaded once per job (cleared per category).
+        self._feature_memo: dict[str, torch.Tensor | dict[str, torch.Tensor]] = {}
+        self._mask_memo: dict[tuple[str | None, int], np.ndarray] = {}
+        self.computed: list[str] = []  # the job's cell folders it scores, and those recorded as aliases
+        self.aliased: list[str] = []
 
     def _check_level_shapes(self) -> None:
         """A multi-level checkpoint must have been trained for this backbone's levels."""
@@ -191,11 +201,20 @@ class Evaluator:
             if self.levels:
                 return {name: torch.zeros(0, *self.backbone.level_shape(name)) for name in self.levels}
             return torch.zeros(0, self.backbone.grid[0] * self.backbone.grid[1], self.backbone.dim)
-        self.cache.ensure([self.root / p for p in rows["image_path"]], list(rows["image_sha256"]),
-                          progress=False, levels=self.levels)
+        new = ~rows["image_sha256"].isin(self._feature_memo.keys())
+        if new.any():
+            fresh = rows[new].drop_duplicates("image_sha256")
+            shas = list(fresh["image_sha256"])
+            self.cache.ensure([self.root / p for p in fresh["image_path"]], shas, progress=False, levels=self.levels)
+            if self.levels:
+                loaded = self.cache.load_levels(shas, self.levels)
+                self._feature_memo.update((sha, {name: t[i] for name, t in loaded.items()}) for i, sha in enumerate(shas))
+            else:
+                self._feature_memo.update(zip(shas, self.cache.load(shas), strict=True))
+        picked = [self._feature_memo[sha] for sha in rows["image_sha256"]]
         if self.levels:
-            return self.cache.load_levels(list(rows["image_sha256"]), self.levels)
-        return self.cache.load(list(rows["image_sha256"]))
+            return {name: torch.stack([item[name] for item in picked]) for name in picked[0]}
+        return torch.stack(picked)
 
     def _score(self, query, normal, abnormal, masks, category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(patch_maps, image_scores or None)`` of one batch of queries."""
@@ -219,8 +238,13 @@ class Evaluator:
         return kept
 
     def _masks(self, rows: pd.DataFrame, size: int) -> np.ndarray:
-        return np.stack([load_mask(self.root / p if isinstance(p, str) else None, size)
-                         for p in rows["mask_path"]]) if len(rows) else np.zeros((0, size, size), bool)
+        if not len(rows):
+            return np.zeros((0, size, size), bool)
+        for path in rows["mask_path"]:
+            key = (path if isinstance(path, str) else None, size)
+            if key not in self._mask_memo:
+                self._mask_memo[key] = load_mask(self.root / path if key[0] else None, size)
+        return np.stack([self._mask_memo[(p if isinstance(p, str) else None, size)] for p in rows["mask_path"]])
 
     # -- one job ----------------------------------------------------------------------
     def run(self) -> list[str]:
@@ -231,22 +255,67 @@ class Evaluator:
         settings = self.shot_settings()
         max_kn = max(self.config.shots.k_normal)
         max_ka = max(self.config.shots.k_abnormal)
-        gallery_setting = (max(kn for kn, _ in settings), max(ka for _, ka in settings))
         gallery_seed = min(self.config.seeds)
+        canonical = self._canonical_cells(categories)
+        # The gallery setting's cells (a method's largest shot setting), and the cells that compute
+        # them: a computed cell makes the gallery (of its first category and seed) when it or one of
+        # its aliases is a gallery cell.
+        largest: dict[str, tuple[int, int]] = {}
+        for key in canonical:
+            largest[key.method] = max(largest.get(key.method, (0, 0)), (key.k_normal, key.k_abnormal))
+        gallery_cells = {key for key in canonical if (key.k_normal, key.k_abnormal) == largest[key.method]}
+        gallery_cells |= {canonical[key] for key in gallery_cells}
+        self.computed, self.aliased = [], []
         for category in categories:
+            self._feature_memo.clear()
+            self._mask_memo.clear()
             for seed in sorted(self.config.seeds):
                 keys = [CellKey(self.method_name, self.config.backbone, self.source, self.target,
                                 category, kn, ka, seed, self.train_seed) for kn, ka in settings]
+                aliases = {key: canonical_run_id(self.config, canonical[key]) for key in keys if canonical[key] != key}
                 todo = [key for key in keys if not _is_finished(key.folder(self.results), self.settings_hash,
-                                                                 self.checkpoint_hash, self._checks_for(key))]
+                                                                 self.checkpoint_hash, self._checks_for(key),
+                                                                 aliases.get(key))]
                 folders += [str(key.folder(self.results)) for key in keys]
+                self.computed += [str(key.folder(self.results)) for key in keys if key not in aliases]
+                self.aliased += [str(key.folder(self.results)) for key in aliases]
                 if todo:
                     split = draw_reference_split(self.manifest, self.target, category, seed, max(max_kn, 1), max_ka)
-                    self._evaluate_split(split, todo, gallery=(category == gallery_category and seed == gallery_seed),
-                                         gallery_setting=gallery_setting)
+                    gallery = gallery_cells if category == gallery_category and seed == gallery_seed else set()
+                    self._write_aliases(split, [key for key in todo if key in aliases], aliases, gallery)
+                    self._evaluate_split(split, [key for key in todo if key not in aliases], gallery)
                 if "reference-code" in self.config.protocols:
                     folders += self._run_reference_code(category, seed, max(max_kn, 1), max_ka)
         return folders
+
+    def _canonical_cells(self, categories: list[str]) -> dict[CellKey, CellKey]:
+        """For every clean cell of the run on this target, the cell that computes it (nagl.results.aliases)."""
+        keys = []
+        for method, source, train_seed, target in self.config.evaluation_jobs():
+            if target != self.target:
+                continue
+            settings = self.config.shots.settings()
+            if not method_class(method).uses_abnormal_refs:
+                settings = [(kn, ka) for kn, ka in settings if ka == 0]
+            keys += [CellKey(method, self.config.backbone, source, self.target, category, kn, ka, seed, train_seed)
+                     for category in categories for seed in sorted(self.config.seeds) for kn, ka in settings]
+        return canonical_cells(keys, self.config.trainable_methods)
+
+    def _write_aliases(self, split: ReferenceSplit, keys: list[CellKey], aliases: dict[CellKey, str],
+                       gallery: set[CellKey]) -> None:
+        """Record cells computed by another cell of the run: run.json only, nothing scored."""
+        if not keys:
+            return
+        abnormal_masks = (torch.from_numpy(self._masks(split.abnormal, self.config.image_size))
+                          if self.has_masks else None)
+        labels = split.queries["label"].to_numpy()
+        for key in keys:
+            masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
+            n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
+            row = self._run_row(key, split, len(split.queries), int(labels.sum()), 0.0, 0.0, n_pseudo)
+            for name in MEASURED_COLUMNS:
+                del row[name]  # ingest takes them from the canonical cell
+            write_alias(key.folder(self.results), {**row, "alias_of": aliases[key]}, gallery=key in gallery)
 
     def _checks_for(self, key: CellKey) -> bool:
         """Whether the cell gets the reference-use check (nagl.reference_checks)."""
@@ -261,7 +330,7 @@ class Evaluator:
                 if not _is_finished(key.folder(self.results), self.settings_hash, self.checkpoint_hash)]
         if todo:
             code = draw_reference_code_split(self.manifest, self.target, category, seed, max_kn, max_ka)
-            self._evaluate_split(code.split, todo, gallery=False, gallery_setting=(max_kn, max_ka), code=code)
+            self._evaluate_split(code.split, todo, gallery=set(), code=code)
         return [str(key.folder(self.results)) for key in keys]
 
     def _patch_map(self, query_features, normal, abnormal, masks: torch.Tensor | None,
@@ -341,8 +410,8 @@ class Evaluator:
                 rows.append(row)
         return check_frame(rows)
 
-    def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: bool,
-                        gallery_setting: tuple[int, int], code: ReferenceCodeSplit | None = None) -> None:
+    def _evaluate_split(self, split: ReferenceSplit, keys: list[CellKey], gallery: set[CellKey],
+                        code: ReferenceCodeSplit | None = None) -> None:
         size = self.config.image_size
         resolution = self.config.eval_resolution
         queries = split.queries
@@ -355,12 +424,17 @@ class Evaluator:
         split_json = split.to_json() if code is None else code.to_json()
         checked = [key for key in keys if self._checks_for(key)]
         swapped = self._swapped_references(split, max(k.k_abnormal for k in checked)) if checked else []
+        shared, shared_seconds = self._shared_normal_scores(query_features, normal_features, keys)
         for key in keys:
             if not self.method.uses_abnormal_refs and key.k_normal == 0:
                 raise NaglError(f"method {self.method_name!r} uses normal references only; k_normal = 0 "
                                 f"cannot be scored (cell {key})")
             start = time.perf_counter()
-            if code is None:
+            if code is None and key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal):
+                # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
+                patch_map, own_scores = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid), None
+                n_pseudo = 0
+            elif code is None:
                 masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
                 patch_map, own_scores = self._patch_map(query_features, _rows(normal_features, 0, key.k_normal),
                                                         _rows(abnormal_features, 0, key.k_abnormal), masks,
@@ -372,8 +446,8 @@ class Evaluator:
                     abnormal_masks, split.category)
             image_score, pixel_maps = self._image_scores(patch_map, own_scores)
             scores = image_score.numpy().astype(np.float64)
-            score_seconds = time.perf_counter() - start
-            in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
+            score_seconds = time.perf_counter() - start + shared_seconds.get(key.k_normal, 0.0)
+            in_gallery = key in gallery
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
             maps = None
             if self.has_masks or in_gallery:
@@ -393,11 +467,25 @@ class Evaluator:
                                                                score_seconds, eval_seconds, n_pseudo),
                        metrics, scores_frame, split_json, gallery_frame, checks)
 
+    def _shared_normal_scores(self, query_features, normal_features,
+                              keys: list[CellKey]) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        """``s_n`` of the queries for every k_normal of the cells whose map is ``1 - s_n``, from one
+        search (:func:`nagl.methods.base.nested_normal_scores`), and each cell's share of its time."""
+        shots = sorted({key.k_normal for key in keys if key.protocol == "clean"
+                        and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal)})
+        if not shots or self.levels:
+            return {}, {}
+        start = time.perf_counter()
+        with torch.no_grad():
+            scores = nested_normal_scores(query_features.float(), normal_features, shots, chunk=QUERY_BATCH)
+        share = (time.perf_counter() - start) / len(shots)
+        return scores, dict.fromkeys(shots, share)
+
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
                  score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:
         versions = package_versions()
         return {
-            "run_id": key.run_id(self.settings_hash), **key.__dict__,
+            "run_id": key.run_id(self.settings_hash), "alias_of": None, **key.__dict__,
             "backbone_identity": self.backbone.identity,
             "source_datasets": self.source_datasets,
             "in_domain": key.target in (self.source_datasets or []),

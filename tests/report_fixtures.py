@@ -177,6 +177,7 @@ def _run_row(run_id: str, key: tuple, in_domain: bool) -> dict:
         "in_domain": in_domain, "image_size": 224, "eval_resolution": 256,
         "n_queries": 40 - k_abnormal, "n_anomalous_queries": 20 - k_abnormal,
         "n_pseudo_masks": k_abnormal if target == NO_MASK_TARGET else 0,
+        "alias_of": None,
         "config_hash": stable_hash(("config",)), "method_config_hash": stable_hash(("method", method)),
         "checkpoint_hash": stable_hash(("checkpoint", source)) if trained else None,
         "source_dataset_hash": dataset_hash(source) if trained else None,

@@ -76,6 +76,7 @@ def run_row(method, source, target, category, seed, split, k_normal=1, k_abnorma
         "in_domain": source == target, "image_size": 32, "eval_resolution": 16,
         "n_queries": len(queries), "n_anomalous_queries": int(queries["label"].sum()),
         "n_pseudo_masks": 0 if target in WITH_MASKS else k_abnormal,
+        "alias_of": None,
         "config_hash": "cfg", "method_config_hash": "mcfg",
         "checkpoint_hash": None if source == "-" else "ckpt", "source_dataset_hash": None if source == "-" else f"md5-{source}",
         "target_dataset_hash": f"md5-{target}", "split_hash": split.hash, "git_commit": None,
@@ -169,7 +170,8 @@ def test_ingest_counts_rows(built):
     assert n_cells == 24
     n_splits = sum(len(c) for c in TARGETS.values()) * len(SEEDS)
     assert summary == {"db": str(db), "runs": 24, "metrics": 24 * 7, "scores": 24 * 5, "reference_splits": n_splits,
-                       "models": 3, "datasets": 3, "gallery": 2, "reference_checks": 0, "provenance": 2, "unfinished": 0}
+                       "models": 3, "datasets": 3, "gallery": 2, "reference_checks": 0, "provenance": 2, "unfinished": 0,
+                       "aliases": 0}
     counts = {t: fetch(db, f"SELECT count(*) FROM {t}")[0][0]
               for t in ("runs", "metrics", "scores", "reference_splits", "models", "datasets", "gallery", "provenance")}
     assert counts == {"runs": 24, "metrics": 168, "scores": 120, "reference_splits": n_splits * 3,

@@ -110,19 +110,47 @@ def nearest_normal(x: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, t
     return similarity(best), x - bank[index]
 
 
-def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """``s_n`` of every query patch: max ``sim`` over the bank, ``(Q, G)``; computed per chunk
-    of ``chunk`` queries (without autograd, in the reused block of :class:`_Scratch`)."""
-    bank_t = F.normalize(bank, dim=-1).T
-    best = query.new_empty(query.shape[:2])
+def reference_maxima(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Best cosine of every query patch within each block of ``G`` bank rows: ``(Q, G, blocks)``.
+
+    ``G`` is the query's patch count, so with a bank of normal references each block is
+    one reference image, and the best cosine over the first ``k`` references is the max
+    of the first ``k`` columns. Every block is its own product of the same shape
+    whatever the bank size, so a prefix of a larger bank gives bit-identical numbers
+    (the nested shot settings of one split share one search). Computed per chunk of
+    ``chunk`` queries (without autograd, in the reused block of :class:`_Scratch`).
+    """
+    g, c = query.shape[1], query.shape[-1]
+    bank_n = F.normalize(bank, dim=-1)
+    blocks = max(1, -(-bank.shape[0] // g))
+    best = query.new_empty((query.shape[0], g, blocks))
     for begin in range(0, query.shape[0], chunk):
-        part = F.normalize(query[begin:begin + chunk], dim=-1).reshape(-1, query.shape[-1])
-        if torch.is_grad_enabled():
-            cos = part @ bank_t
-        else:
-            cos = torch.mm(part, bank_t, out=_SCRATCH.block(part.shape[0], bank.shape[0], part.dtype))
-        best[begin:begin + chunk] = cos.amax(dim=-1).view(-1, query.shape[1])
-    return similarity(best)
+        part = F.normalize(query[begin:begin + chunk], dim=-1).reshape(-1, c)
+        for j in range(blocks):
+            rows = bank_n[j * g:(j + 1) * g]
+            if torch.is_grad_enabled():
+                cos = part @ rows.T
+            else:
+                cos = torch.mm(part, rows.T, out=_SCRATCH.block(part.shape[0], rows.shape[0], part.dtype))
+            best[begin:begin + chunk, :, j] = cos.amax(dim=-1).view(-1, g)
+    return best
+
+
+def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """``s_n`` of every query patch: max ``sim`` over the bank, ``(Q, G)`` (see :func:`reference_maxima`)."""
+    return similarity(reference_maxima(query, bank, chunk).amax(dim=-1))
+
+
+def nested_normal_scores(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int],
+                         chunk: int = 8) -> dict[int, torch.Tensor]:
+    """``s_n`` ``(Q, G)`` for each ``k`` of ``shots`` over the first ``k`` of the normal
+    references ``(k1, G, C)``, from one search of the largest bank: equal to
+    ``normal_scores(query, normal[:k].reshape(-1, C))`` bit for bit."""
+    if not shots or min(shots) < 1 or max(shots) > normal.shape[0]:
+        raise NaglError(f"shots {list(shots)} must lie in 1..{normal.shape[0]} (the normal references given)")
+    per_reference = reference_maxima(query, normal[:max(shots)].reshape(-1, normal.shape[-1]), chunk)
+    prefix = per_reference.cummax(dim=-1).values
+    return {k: similarity(prefix[..., k - 1]) for k in shots}
 
 
 # -------------------------------------------------------------- references --

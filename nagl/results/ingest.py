@@ -29,6 +29,7 @@ from nagl.data.registry import load_registry
 from nagl.errors import NaglError
 from nagl.io import atomic_path, read_json
 from nagl.provenance import git_commit, now_utc, package_versions
+from nagl.results.aliases import resolve_alias
 from nagl.results.schema import (
     ARROW_TYPES,
     CELL_FILES,
@@ -104,12 +105,23 @@ class _Collected:
         self.reference_checks: list[pa.Table] = []
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self.run_files: dict[str, Path] = {}
+        self.aliases: list[tuple[Path, dict[str, Any]]] = []
+        self.gallery_of: dict[str, pa.Table] = {}
         self.unfinished = 0
 
     def add_cell(self, folder: Path, cells_root: Path) -> None:
         run_file = folder / "run.json"
-        run = table_row("runs", _read_json(run_file), str(run_file))
+        obj = _read_json(run_file)
+        if isinstance(obj, dict) and obj.get("alias_of"):
+            # Resolved once every computed cell is read (nagl.results.aliases).
+            self.aliases.append((folder, obj))
+            return
+        run = table_row("runs", obj, str(run_file))
         check_run(run, str(run_file))
+        self._check_place(folder, cells_root, run, run_file)
+        self.add_computed(folder, run)
+
+    def _check_place(self, folder: Path, cells_root: Path, run: Mapping[str, Any], run_file: Path) -> None:
         try:
             relative = folder.resolve().relative_to(cells_root.resolve())
         except ValueError:
@@ -125,18 +137,42 @@ class _Collected:
             raise NaglError(f"{run_file} and {self.run_files[run_id]} have the same run_id {run_id}; delete one of them")
         self.run_files[run_id] = run_file
 
+    def add_computed(self, folder: Path, run: dict[str, Any]) -> None:
+        run_id = run["run_id"]
         self.metrics += metric_rows(run_id, _read_json(folder / "metrics.json"), str(folder / "metrics.json"))
         scores = check_scores(_read_parquet(folder / "scores.parquet"), run, str(folder / "scores.parquet"))
         self.scores.append(_with_run_id(scores, run_id))
         self._add_split(folder / "split.json", run)
         gallery_file = folder / "gallery.parquet"
         if gallery_file.is_file():
-            self.gallery.append(_with_run_id(check_gallery(_read_parquet(gallery_file), str(gallery_file)), run_id))
+            gallery = check_gallery(_read_parquet(gallery_file), str(gallery_file))
+            self.gallery_of[run_id] = gallery
+            self.gallery.append(_with_run_id(gallery, run_id))
         checks_file = folder / "reference_checks.parquet"
         if checks_file.is_file():
             checks = check_reference_checks(_read_parquet(checks_file), run, str(checks_file))
             self.reference_checks.append(_with_run_id(checks, run_id))
         self.runs.append(run)
+
+    def resolve_aliases(self, cells_root: Path) -> None:
+        """Rows of the alias cells: their own key, the canonical cell's metrics and timings (and gallery)."""
+        computed = {run["run_id"]: run for run in self.runs}
+        metrics_of: dict[str, list[dict[str, Any]]] = {}
+        for row in self.metrics:
+            metrics_of.setdefault(row["run_id"], []).append(row)
+        for folder, obj in self.aliases:
+            run_file = folder / "run.json"
+            canonical = computed.get(obj["alias_of"])
+            if canonical is None:
+                raise NaglError(f"{run_file}: its canonical cell {obj['alias_of']} is not among the run's finished "
+                                f"cells; rerun the evaluation job that computes it (see docs/architecture.md)")
+            run = table_row("runs", resolve_alias(obj, canonical, str(run_file)), str(run_file))
+            check_run(run, str(run_file))
+            self._check_place(folder, cells_root, run, run_file)
+            self.metrics += [{**row, "run_id": run["run_id"]} for row in metrics_of[canonical["run_id"]]]
+            if obj.get("gallery") and canonical["run_id"] in self.gallery_of:
+                self.gallery.append(_with_run_id(self.gallery_of[canonical["run_id"]], run["run_id"]))
+            self.runs.append(run)
 
     def _add_split(self, path: Path, run: Mapping[str, Any]) -> None:
         obj = _read_json(path)
@@ -237,6 +273,7 @@ def ingest(
             collected.add_cell(folder, cells_root)
         else:
             collected.unfinished += 1
+    collected.resolve_aliases(cells_root)
     tables = {
         "runs": _arrow_rows("runs", collected.runs),
         "metrics": _arrow_rows("metrics", collected.metrics),
@@ -269,6 +306,7 @@ def ingest(
     summary.update({table: data.num_rows for table, data in tables.items()})
     summary["reference_splits"] = len(collected.splits)
     summary["unfinished"] = collected.unfinished
+    summary["aliases"] = len(collected.aliases)
     return summary
 
 

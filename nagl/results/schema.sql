@@ -6,6 +6,9 @@
 
 CREATE TABLE runs (
     run_id              VARCHAR PRIMARY KEY,  -- hash of the cell key and the config hash
+    alias_of            VARCHAR,              -- run_id of the cell that computed this one's maps (same computation:
+                                              -- nagl.results.aliases); its metrics are copied, its scores and maps
+                                              -- stored once under alias_of; NULL: computed in this cell
     method              VARCHAR NOT NULL,
     backbone            VARCHAR NOT NULL,
     backbone_identity   VARCHAR NOT NULL,     -- name@size:weights-sha256[:16]

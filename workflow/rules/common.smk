@@ -73,19 +73,12 @@ def train_inputs(wildcards):
 
 
 def evaluation_jobs():
-    """One evaluation job per (method, source, training seed, target); training-free
-    methods have the source '-' and the training seed '-'. A union source is evaluated
-    only on the targets that are not among its datasets."""
-    jobs = []
-    for target in RUN.targets:
-        for method in TRAINABLE:
-            for source in RUN.training_sources():
-                if target in RUN.source_targets(source):
-                    for train_seed in RUN.training.seeds:
-                        jobs.append(job_pattern(method, source, target, train_seed))
-        for method in TRAINING_FREE:
-            jobs.append(job_pattern(method, "-", target, None))
-    return jobs
+    """One evaluation job per (method, source, training seed, target) (RunConfig.evaluation_jobs:
+    training-free methods have the source '-' and no training seed; a union source is evaluated
+    only on the targets it leaves out). The evaluator reads the same list to find which job
+    computes an alias's cell."""
+    return [job_pattern(method, source, target, train_seed)
+            for method, source, train_seed, target in RUN.evaluation_jobs()]
 
 
 def run_manifests():
