@@ -424,16 +424,16 @@ def test_trained_on_the_source_and_evaluated_in_normal_only_cells(project, monke
     config = validate_config({"backbone": "effnet-lite0", "image_size": 64, "eval_resolution": 32,
                               "methods": ["inctrl"], "sources": ["ic-source"], "targets": ["ic-target"],
                               "shots": {"k_normal": [1, 2], "k_abnormal": [0, 1]}, "seeds": [0],
-                              "training": {"profile": "embedded"}})
-    folder = model_dir(config.results, "inctrl", "effnet-lite0", "ic-source")
-    result = train_from_config(config, "inctrl", "ic-source", folder)
+                              "training": {"profile": "embedded", "seeds": [0]}})
+    folder = model_dir(config.results, "inctrl", "effnet-lite0", "ic-source", 0)
+    result = train_from_config(config, "inctrl", "ic-source", 0, folder)
     assert result.schedule.normal_shots == (1, 2)
     info = json.loads((folder / "model.json").read_text())
     assert info["config"]["levels"] == {"grid-coarse": [8, 8, 112], "grid-fine": [8, 8, 40]}
     assert info["config"]["text_prior"] is False and info["config"]["text_prior_reason"] == NO_TEXT_ENCODER
     assert info["params_head"] == result.method.parameter_counts()[0]
 
-    cells = evaluate_job(config, "inctrl", "ic-source", "ic-target")
+    cells = evaluate_job(config, "inctrl", "ic-source", "ic-target", 0)
     assert sorted(Path(c).name for c in cells) == ["n1a0s0", "n2a0s0"]
     for cell in cells:
         scores = pd.read_parquet(Path(cell) / "scores.parquet")["score"]

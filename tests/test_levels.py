@@ -259,7 +259,8 @@ def test_registered_methods_keep_the_single_grid_path():
     for name in ("nagl", "knn-normal", "knn-naive"):
         cls = method_class(name)
         assert cls.level_group is None and not cls.needs_embed and not cls.image_scores_need_pixels
-        assert cls.uses_abnormal_refs and cls.config_for_backbone(backbone) == {} and cls.feature_levels(backbone) == ()
+        assert cls.uses_abnormal_refs == (name != "knn-normal")  # knn-normal ignores abnormal references
+        assert cls.config_for_backbone(backbone) == {} and cls.feature_levels(backbone) == ()
     for name in list_methods():  # every method's default image score is the shared top-1 % mean
         method = create_method(name, 8, **method_class(name).config_for_backbone(backbone))
         maps = torch.rand(2, 10, 10, generator=torch.Generator().manual_seed(1))
@@ -439,8 +440,8 @@ def test_training_serves_levels_balanced_batches_and_records_shapes(mini, monkey
     assert schedule_for("embedded", method="toy-trained").episodes == 8
     assert schedule_for("embedded").episodes == schedules.PROFILES["embedded"].episodes  # nagl: the generic one
     config = _config(["toy-trained"], training={"profile": "embedded"})
-    folder = model_dir(config.results, "toy-trained", "effnet-lite0", "lv-source")
-    result = train_from_config(config, "toy-trained", "lv-source", folder)
+    folder = model_dir(config.results, "toy-trained", "effnet-lite0", "lv-source", 0)
+    result = train_from_config(config, "toy-trained", "lv-source", 0, folder)
     assert result.schedule == tiny.__class__(**{**tiny.__dict__, "normal_shots": (1, 2), "abnormal_shots": (1,)})
 
     record = ToyTrained.record

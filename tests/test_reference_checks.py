@@ -173,9 +173,11 @@ def test_reference_checks_are_written_and_ingested_for_exactly_the_abnormal_refe
         ("knn-naive", "clean", 1, "brick"), ("knn-naive", "clean", 1, "grass")]
     assert all(r[4] == sorted(REFERENCE_CHECK_VARIANTS) for r in with_checks)
     # Every other cell (k_abnormal = 0, knn-normal, reference-code) has none, and no file.
-    assert len(rows) == 2 * (2 * 2 + 2) and mini_run["summary"]["reference_checks"] == 4
+    # knn-naive: 2 categories x (k_abnormal 0, 1, 1 under reference-code); knn-normal (it ignores abnormal
+    # references): 2 categories x k_abnormal 0 only.
+    assert len(rows) == 2 * 3 + 2 * 1 and mini_run["summary"]["reference_checks"] == 4
     files = sorted(os.path.relpath(p, mini_run["cells"]) for p in mini_run["cells"].rglob("reference_checks.parquet"))
-    assert files == [f"knn-naive/effnet-lite0/-/{TARGET}/{c}/n1a1s0/reference_checks.parquet" for c in ("brick", "grass")]
+    assert files == [f"knn-naive/effnet-lite0/-/-/{TARGET}/{c}/n1a1s0/reference_checks.parquet" for c in ("brick", "grass")]
     values = fetch(db, "SELECT image_auroc, pixel_auroc FROM reference_checks")
     assert all(0.0 <= image <= 1.0 and 0.0 <= pixel <= 1.0 for image, pixel in values)
 
@@ -191,7 +193,7 @@ def test_stored_check_is_the_cell_scored_with_the_swapped_references(mini_run):
     from nagl.models.backbones import create_backbone
     from nagl.protocol import ReferenceSplit
 
-    folder = mini_run["cells"] / "knn-naive" / "effnet-lite0" / "-" / TARGET / "grass" / "n1a1s0"
+    folder = mini_run["cells"] / "knn-naive" / "effnet-lite0" / "-" / "-" / TARGET / "grass" / "n1a1s0"
     split = ReferenceSplit.read(folder / "split.json")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NAGL_HOME", str(mini_run["root"]))
@@ -222,7 +224,7 @@ def test_reference_code_cells_are_flagged_and_never_reach_the_clean_leaderboard(
 
     both, clean = mini_run["results"] / "both.duckdb", mini_run["results"] / "clean.duckdb"
     protocols = fetch(both, "SELECT protocol, k_abnormal, COUNT(*) FROM runs GROUP BY ALL ORDER BY ALL")
-    assert protocols == [("clean", 0, 4), ("clean", 1, 4), ("reference-code", 1, 4)]
+    assert protocols == [("clean", 0, 4), ("clean", 1, 2), ("reference-code", 1, 2)]
     # The reference-code cells score the whole test set: their own references included.
     assert fetch(both, """SELECT DISTINCT c.n_queries - r.n_queries FROM runs c JOIN runs r
                           USING (method, category, k_normal, k_abnormal, seed)
@@ -235,7 +237,8 @@ def test_reference_code_cells_are_flagged_and_never_reach_the_clean_leaderboard(
     for field in ("leaderboard", "pairs", "per_target", "per_category", "efficiency", "speed", "gallery"):
         assert getattr(data_both, field) == getattr(data_clean, field), field
     inflation = {(r["method"], r["k_abnormal"]): r for r in data_both.inflation}
-    assert set(inflation) == {(m, 1) for m in METHODS} and all(r["n_cells"] == 2 for r in inflation.values())
+    # knn-normal ignores abnormal references: it has no k_abnormal > 0 cell under either protocol.
+    assert set(inflation) == {("knn-naive", 1)} and all(r["n_cells"] == 2 for r in inflation.values())
     assert data_clean.inflation == []
     # The report's leaderboard never reads a reference-code number.
     lb = fetch(both, "SELECT mean FROM leaderboard WHERE method = 'knn-naive' AND k_abnormal = 1 "
@@ -254,11 +257,11 @@ def test_report_shows_both_trust_tables_from_a_real_run(mini_run, tmp_path):
     assert checks.count("<tr>") == 1 + 2  # header + knn-naive's two variants
     assert all(name in checks for name in REFERENCE_CHECK_VARIANTS) and "knn-normal" not in checks
     inflation = trust.split('id="table-inflation"')[1].split("</table>")[0]
-    assert inflation.count("<tr>") == 1 + 2 and "knn-naive" in inflation and "knn-normal" in inflation
+    assert inflation.count("<tr>") == 1 + 1 and "knn-naive" in inflation and "knn-normal" not in inflation
 
 
 def test_a_missing_check_file_reruns_only_its_cell(mini_run):
-    cell = mini_run["cells"] / "knn-naive" / "effnet-lite0" / "-" / TARGET / "brick" / "n1a1s0"
+    cell = mini_run["cells"] / "knn-naive" / "effnet-lite0" / "-" / "-" / TARGET / "brick" / "n1a1s0"
     other = cell.parent / "n1a0s0"
     check_file = cell / "reference_checks.parquet"
     before = check_file.read_bytes()

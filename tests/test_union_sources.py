@@ -54,7 +54,7 @@ CONFIG = {
     "union_sources": "leave-one-out",
     "shots": {"k_normal": [1], "k_abnormal": [1]},
     "seeds": [0],
-    "training": {"profile": "smoke", "seed": 0},
+    "training": {"profile": "smoke", "seeds": [0]},
 }
 
 

@@ -34,7 +34,8 @@ class BatchSpec:
     query's references come from its own category. ``normal_only_epochs``: the first
     epochs draw normal queries only. ``calibration_images`` / ``calibrate_on_validation``:
     which source episodes the method's ``calibrate`` gets after training (up to this many
-    normal training images as queries / the held-out validation episodes; neither: not called).
+    normal training images as queries / the held-out source episodes: the selection's reference
+    draws over every held-out image, else the validation episodes; neither: not called).
     """
 
     normal_shots: tuple[int, ...]

@@ -246,10 +246,17 @@ def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features
         module.load_state_dict(best_state)
     module.eval()
     calibration = None
+    # Held-out source episodes: the selection's reference draws over every held-out image, else the
+    # validation episodes.
+    held_out = [episode for s in select_sets for episode in s.episodes()] or val_eps
+    if spec.calibrate_on_validation and not held_out:
+        raise NaglError(f"{where}: method {method!r} is calibrated on held-out source validation episodes, "
+                        f"but none were held out; train with a profile that holds out a validation split "
+                        f"(val_fraction > 0), e.g. the `embedded` profile")
     if spec.calibration_images > 0:
         chosen = calibration_episodes(train_pool, spec, spec.calibration_images, seed)
     else:
-        chosen = val_eps if spec.calibrate_on_validation else []
+        chosen = held_out if spec.calibrate_on_validation else []
     if chosen:  # on SOURCE episodes only
         with torch.no_grad():
             calibration = model.calibrate([EpisodeBatch(chosen[i:i + schedule.batch], store)

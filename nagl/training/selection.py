@@ -20,8 +20,8 @@ import torch
 
 from nagl.io import stable_hash
 from nagl.methods import TrainableMethod
-from nagl.methods.base import image_scores
-from nagl.training.batch import BatchSpec
+from nagl.methods.base import anomaly_maps
+from nagl.training.batch import BatchSpec, Episode
 from nagl.training.episodes import FeatureStore, SourcePool
 
 
@@ -34,6 +34,11 @@ class DetectionSet:
     abnormal: tuple[int, ...]
     queries: tuple[int, ...]
     labels: tuple[int, ...]
+
+    def episodes(self) -> list[Episode]:
+        """The set as episodes: each held-out query with the set's references."""
+        return [Episode(self.category, query, label, self.normal, self.abnormal, "")
+                for query, label in zip(self.queries, self.labels, strict=True)]
 
 
 def detection_sets(train: SourcePool, val: SourcePool, spec: BatchSpec, draws: int, seed: int) -> list[DetectionSet]:
@@ -62,18 +67,34 @@ def detection_sets(train: SourcePool, val: SourcePool, spec: BatchSpec, draws: i
     return sets
 
 
+# Side of the pixel maps for a method whose image score reads them (the default eval_resolution).
+SELECTION_RESOLUTION = 256
+
+
 @torch.no_grad()
 def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: FeatureStore,
                batch: int = 8) -> np.ndarray:
-    """The method's image scores of a set's queries against its references."""
-    normal = store.features(list(detection_set.normal))
-    abnormal = store.features(list(detection_set.abnormal))
-    masks = (torch.stack([store.mask(r) for r in detection_set.abnormal])
-             if store.mask_size is not None and detection_set.abnormal else None)
+    """The method's image scores of a set's queries against its references, as evaluation computes
+    them: the method's own image scores when ``score`` returns them, else its ``image_scores`` hook
+    (a multi-level method gets its levels, their grids and the category; a method that ignores
+    abnormal references gets none)."""
+    multi = method.level_group is not None
+    features = store.levels if multi else store.features
+    grid = ({name: (h, w) for name, (h, w, _) in method.config["levels"].items()} if multi else store.grid)
+    abnormal_rows = list(detection_set.abnormal) if method.uses_abnormal_refs else []
+    normal, abnormal = features(list(detection_set.normal)), features(abnormal_rows)
+    masks = (torch.stack([store.mask(r) for r in abnormal_rows])
+             if store.mask_size is not None and abnormal_rows else None)
+    extra = {"category": detection_set.category} if multi else {}
     scores = []
     for start in range(0, len(detection_set.queries), batch):
-        query = store.features(list(detection_set.queries[start:start + batch]))
-        scores.append(image_scores(method.score(query, normal, abnormal, masks, store.grid)))
+        query = features(list(detection_set.queries[start:start + batch]))
+        out = method.score(query, normal, abnormal, masks, grid, **extra)
+        if isinstance(out, tuple):
+            scores.append(out[1])
+            continue
+        pixels = anomaly_maps(out, SELECTION_RESOLUTION) if method.image_scores_need_pixels else None
+        scores.append(method.image_scores(out, pixels))
     return torch.cat(scores).numpy().astype(np.float64)
 
 
