@@ -27,7 +27,7 @@ from nagl.data.unions import source_content_hash
 from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
-from nagl.methods import create_method, load_method, method_class
+from nagl.methods import Method, create_method, load_method, method_class
 from nagl.methods.base import anomaly_maps, nested_normal_scores, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
@@ -216,14 +216,6 @@ class Evaluator:
             return {name: torch.stack([item[name] for item in picked]) for name in picked[0]}
         return torch.stack(picked)
 
-    def _score(self, query, normal, abnormal, masks, category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(patch_maps, image_scores or None)`` of one batch of queries."""
-        if not self.levels:
-            return self.method.score(query, normal, abnormal, masks, self.backbone.grid), None
-        grids = {name: self.backbone.levels[name][0] for name in self.levels if name in self.backbone.levels}
-        out = self.method.score(query, normal, abnormal, masks, grids, category=category)
-        return out if isinstance(out, tuple) else (out, None)
-
     def shot_settings(self) -> list[tuple[int, int]]:
         """The config's shot settings this method is evaluated in: all of them, or for a method
         that uses no abnormal references only those with ``k_abnormal = 0``."""
@@ -334,29 +326,17 @@ class Evaluator:
         return [str(key.folder(self.results)) for key in keys]
 
     def _patch_map(self, query_features, normal, abnormal, masks: torch.Tensor | None,
-                   category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   category: str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The method's patch maps of the queries, scored in batches of QUERY_BATCH, and its own
-        image scores when the method returns them (else None)."""
+        image scores per batch (None where the method returns none)."""
         patch_maps, image_parts = [], []
         with torch.no_grad():
             for begin in range(0, _count(query_features), QUERY_BATCH):
-                patch, image = self._score(_rows(query_features, begin, begin + QUERY_BATCH), normal, abnormal,
-                                           masks, category)
+                patch, image = score_batch(self.method, self.backbone, _rows(query_features, begin, begin + QUERY_BATCH),
+                                           normal, abnormal, masks, category)
                 patch_maps.append(patch)
                 image_parts.append(image)
-        own = torch.cat(image_parts) if image_parts and all(p is not None for p in image_parts) else None
-        return torch.cat(patch_maps), own
-
-    def _image_scores(self, patch_map: torch.Tensor,
-                      own_scores: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(image scores, pixel maps or None)``: the method's own scores, or its ``image_scores``
-        hook (given the pixel maps when it asks for them)."""
-        if own_scores is not None:
-            return own_scores, None
-        pixel_maps = (anomaly_maps(patch_map, self.config.eval_resolution)
-                      if self.method.image_scores_need_pixels else None)
-        with torch.no_grad():
-            return self.method.image_scores(patch_map, pixel_maps), pixel_maps
+        return torch.cat(patch_maps), image_parts
 
     def _reference_code_map(self, code: ReferenceCodeSplit, key: CellKey, query_features, normal, abnormal_features,
                             abnormal_masks: torch.Tensor | None,
@@ -374,12 +354,12 @@ class Evaluator:
             n_pseudo += pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             rows = torch.from_numpy(np.flatnonzero(assigned == defect))
             if len(rows):
-                part, scores = self._patch_map(_select(query_features, rows), normal,
-                                               _rows(abnormal_features, begin, begin + key.k_abnormal), masks, category)
+                part, parts = self._patch_map(_select(query_features, rows), normal,
+                                              _rows(abnormal_features, begin, begin + key.k_abnormal), masks, category)
                 patch_map[rows] = part
-                if scores is not None:
+                if all(p is not None for p in parts):
                     own = torch.empty(len(assigned)) if own is None else own
-                    own[rows] = scores
+                    own[rows] = torch.cat(parts)
         return patch_map, own, n_pseudo
 
     def _swapped_references(self, split: ReferenceSplit, max_ka: int) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
@@ -432,7 +412,7 @@ class Evaluator:
             start = time.perf_counter()
             if code is None and key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal):
                 # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
-                patch_map, own_scores = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid), None
+                patch_map, own_scores = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid), [None]
                 n_pseudo = 0
             elif code is None:
                 masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
@@ -441,10 +421,11 @@ class Evaluator:
                                                         split.category)
                 n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             else:
-                patch_map, own_scores, n_pseudo = self._reference_code_map(
+                patch_map, own, n_pseudo = self._reference_code_map(
                     code, key, query_features, _rows(normal_features, 0, key.k_normal), abnormal_features,
                     abnormal_masks, split.category)
-            image_score, pixel_maps = self._image_scores(patch_map, own_scores)
+                own_scores = [own]
+            image_score, pixel_maps = final_image_scores(self.method, patch_map, own_scores, resolution)
             scores = image_score.numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start + shared_seconds.get(key.k_normal, 0.0)
             in_gallery = key in gallery
@@ -501,6 +482,30 @@ class Evaluator:
             "images_per_second": n_queries / max(score_seconds, 1e-9),
             "created_at": now_utc(),
         }
+
+
+@torch.no_grad()
+def score_batch(method: Method, backbone: Backbone, query, normal, abnormal, masks,
+                category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(patch_maps, image_scores or None)`` of one batch of queries: the default grid's tensors
+    and grid, or for a multi-level method dicts of levels, their grids and the category."""
+    if method.level_group is None:
+        return method.score(query, normal, abnormal, masks, backbone.grid), None
+    grids = {name: backbone.levels[name][0] for name in query if name in backbone.levels}
+    out = method.score(query, normal, abnormal, masks, grids, category=category)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+@torch.no_grad()
+def final_image_scores(method: Method, patch_maps: torch.Tensor, parts: list[torch.Tensor | None],
+                       resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(image scores (Q,), pixel maps or None)``: the scores the method returned with its patch
+    maps (``parts``, one per batch), else its ``image_scores`` hook, given the pixel maps when it
+    asks for them."""
+    if parts and all(part is not None for part in parts):
+        return torch.cat(parts), None
+    pixel_maps = anomaly_maps(patch_maps, resolution) if method.image_scores_need_pixels else None
+    return method.image_scores(patch_maps, pixel_maps), pixel_maps
 
 
 def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int):
