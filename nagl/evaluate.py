@@ -26,7 +26,7 @@ from nagl.data.prepare import dataset_content_hash, dataset_path
 from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
-from nagl.methods import create_method, load_method, method_class
+from nagl.methods import Method, create_method, load_method, method_class
 from nagl.methods.base import anomaly_maps, pseudo_mask_count
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
@@ -181,14 +181,6 @@ class Evaluator:
             return self.cache.load_levels(list(rows["image_sha256"]), self.levels)
         return self.cache.load(list(rows["image_sha256"]))
 
-    def _score(self, query, normal, abnormal, masks, category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(patch_maps, image_scores or None)`` of one batch of queries."""
-        if not self.levels:
-            return self.method.score(query, normal, abnormal, masks, self.backbone.grid), None
-        grids = {name: self.backbone.levels[name][0] for name in self.levels if name in self.backbone.levels}
-        out = self.method.score(query, normal, abnormal, masks, grids, category=category)
-        return out if isinstance(out, tuple) else (out, None)
-
     def shot_settings(self) -> list[tuple[int, int]]:
         """The config's shot settings this method is evaluated in: all of them, or for a method
         that uses no abnormal references only those with ``k_abnormal = 0``."""
@@ -252,21 +244,15 @@ class Evaluator:
             patch_maps, image_parts = [], []
             with torch.no_grad():
                 for begin in range(0, len(queries), QUERY_BATCH):
-                    patch, image = self._score(
-                        _rows(query_features, begin, begin + QUERY_BATCH), _rows(normal_features, 0, key.k_normal),
-                        _rows(abnormal_features, 0, key.k_abnormal), masks, split.category)
+                    patch, image = score_batch(
+                        self.method, self.backbone, _rows(query_features, begin, begin + QUERY_BATCH),
+                        _rows(normal_features, 0, key.k_normal), _rows(abnormal_features, 0, key.k_abnormal),
+                        masks, split.category)
                     patch_maps.append(patch)
                     image_parts.append(image)
             patch_map = torch.cat(patch_maps)
             n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
-            pixel_maps = None
-            if all(part is not None for part in image_parts):
-                image_score = torch.cat(image_parts)
-            else:
-                if self.method.image_scores_need_pixels:
-                    pixel_maps = anomaly_maps(patch_map, resolution)
-                with torch.no_grad():
-                    image_score = self.method.image_scores(patch_map, pixel_maps)
+            image_score, pixel_maps = final_image_scores(self.method, patch_map, image_parts, resolution)
             scores = image_score.numpy().astype(np.float64)
             score_seconds = time.perf_counter() - start
             in_gallery = gallery and (key.k_normal, key.k_abnormal) == gallery_setting
@@ -305,6 +291,30 @@ class Evaluator:
             "images_per_second": n_queries / max(score_seconds, 1e-9),
             "created_at": now_utc(),
         }
+
+
+@torch.no_grad()
+def score_batch(method: Method, backbone: Backbone, query, normal, abnormal, masks,
+                category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(patch_maps, image_scores or None)`` of one batch of queries: the default grid's tensors
+    and grid, or for a multi-level method dicts of levels, their grids and the category."""
+    if method.level_group is None:
+        return method.score(query, normal, abnormal, masks, backbone.grid), None
+    grids = {name: backbone.levels[name][0] for name in query if name in backbone.levels}
+    out = method.score(query, normal, abnormal, masks, grids, category=category)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+@torch.no_grad()
+def final_image_scores(method: Method, patch_maps: torch.Tensor, parts: list[torch.Tensor | None],
+                       resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(image scores (Q,), pixel maps or None)``: the scores the method returned with its patch
+    maps (``parts``, one per batch), else its ``image_scores`` hook, given the pixel maps when it
+    asks for them."""
+    if parts and all(part is not None for part in parts):
+        return torch.cat(parts), None
+    pixel_maps = anomaly_maps(patch_maps, resolution) if method.image_scores_need_pixels else None
+    return method.image_scores(patch_maps, pixel_maps), pixel_maps
 
 
 def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int):
