@@ -356,7 +356,8 @@ def test_batch_spec_asks_for_balanced_normal_only_episodes_and_profiles_are_regi
     paper = schedule_for("paper", method="inctrl")
     assert (paper.epochs, paper.episodes // paper.batch, paper.batch, paper.lr, paper.weight_decay,
             paper.milestones, paper.select) == (10, 100, 16, 1e-3, 0.01, (), "last")
-    assert schedule_for("embedded", method="inctrl").profile == "embedded"
+    embedded = schedule_for("embedded", method="inctrl")
+    assert (embedded.batch, embedded.select, embedded.val_fraction) == (16, "best", 0.2)
 
 
 def test_a_query_is_never_its_own_prompt_in_the_episode_draw():
