@@ -34,7 +34,12 @@ def _features(rng: np.random.Generator, count: int) -> torch.Tensor:
 
 # -- methods --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list_methods())
+# Methods on the single default grid (tensors); multi-level methods (dicts of levels) below.
+SINGLE_GRID = [m for m in list_methods() if METHODS.get(m).level_group is None]
+MULTI_LEVEL = [m for m in list_methods() if METHODS.get(m).level_group is not None]
+
+
+@pytest.mark.parametrize("name", SINGLE_GRID)
 def test_every_method_scores_an_off_distribution_patch_above_a_normal_copy(name):
     method = create_method(name, DIM)
     rng = np.random.default_rng(0)
@@ -53,7 +58,7 @@ def test_every_method_scores_an_off_distribution_patch_above_a_normal_copy(name)
     assert with_abnormal.shape == (2, *GRID) and torch.isfinite(with_abnormal).all()
 
 
-@pytest.mark.parametrize("name", list_methods())
+@pytest.mark.parametrize("name", SINGLE_GRID)
 def test_every_method_round_trips_through_a_checkpoint(name, tmp_path):
     method = create_method(name, DIM)
     method.save(tmp_path / "ckpt", {"note": "contract"})
@@ -82,7 +87,38 @@ class SyntheticStore:
         return self._masks[row]
 
 
-@pytest.mark.parametrize("name", [m for m in list_methods() if METHODS.get(m).trainable])
+def _level_features(backbone, names, count: int, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {n: ((backbone.embed_dim,) if n == "embed" else (backbone.levels[n][0][0] * backbone.levels[n][0][1],
+                                                             backbone.levels[n][1])) for n in names}
+    return {n: torch.randn(count, *shape, generator=generator) for n, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("name", MULTI_LEVEL)
+def test_every_multi_level_method_round_trips_through_a_checkpoint_and_scores_a_batch_as_its_items(name, tmp_path):
+    from nagl.models.backbones import backbone_shapes
+
+    cls = METHODS.get(name)
+    backbone = backbone_shapes("effnet-lite0", 64)
+    names = cls.feature_levels(backbone)
+    method = create_method(name, backbone.dim, **cls.config_for_backbone(backbone), seed=0)
+    method.save(tmp_path / "ckpt", {"note": "contract"})
+    restored = load_method(tmp_path / "ckpt")
+    assert type(restored) is type(method) and restored.config_hash() == method.config_hash()
+    query, normal = _level_features(backbone, names, 3, 1), _level_features(backbone, names, 2, 2)
+    grids = {n: backbone.levels[n][0] for n in names if n != "embed"}
+
+    def maps(model, rows):
+        out = model.score({n: t[rows] for n, t in query.items()}, normal, None, None, grids, category="c")
+        return out[0] if isinstance(out, tuple) else out
+
+    together = maps(method, slice(0, 3))
+    assert torch.isfinite(together).all() and torch.equal(maps(restored, slice(0, 3)), together)
+    alone = torch.cat([maps(method, slice(i, i + 1)) for i in range(3)])
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", [m for m in SINGLE_GRID if METHODS.get(m).trainable])
 def test_every_trainable_method_follows_the_training_contract(name):
     method = create_method(name, DIM, seed=0)
     assert isinstance(method, TrainableMethod)
