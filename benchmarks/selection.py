@@ -1,7 +1,7 @@
 """Checkpoint selection on the SOURCE only: validation loss (24 episodes) against held-out AUROC.
 
     .venv/bin/python benchmarks/selection.py [--sources embedded-textures,...] [--seeds 0,1,2]
-                                             [--references 8] [--threads 2] [--out selection.json]
+                                             [--references 4] [--threads 2] [--out selection.json]
 
 For every (source, training seed) one model is trained with the embedded profile,
 recording after every epoch (1) the validation loss on 24 fixed episodes (the old
@@ -99,7 +99,7 @@ def run_one(source: str, seed: int, references: int, backbone, cache) -> dict:
     }
 
 
-def main(sources: str = SOURCES, seeds: str = "0,1,2", references: int = 8, threads: int = 2,
+def main(sources: str = SOURCES, seeds: str = "0,1,2", references: int = 4, threads: int = 2,
          out: Path = Path("selection.json")) -> None:
     torch.set_num_threads(threads)
     backbone = create_backbone("effnet-lite0", 256)

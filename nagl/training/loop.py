@@ -205,11 +205,11 @@ def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features
     def validate(row: dict[str, Any]) -> dict[str, Any]:
         if val_eps:
             row.update(_prefixed(validation_score(model, val_eps, store, schedule.batch)))
-        if select_sets:
+        if select_sets and row["epoch"] > 0:  # the initial weights are never selected: not scored
             row["select_auroc"] = detection_auroc(model, select_sets, store)
         return row
 
-    if val_eps or select_sets:
+    if val_eps:
         history.append(validate({"epoch": 0, "train_loss": None}))
     if on_epoch:
         module.eval()
