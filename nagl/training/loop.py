@@ -5,7 +5,8 @@ sha256 to features (``FeatureCache.load``, or a dict), so the frozen backbone ne
 runs inside the loop. The method builds its loss (:class:`~nagl.methods.base.TrainableMethod`);
 the loop draws the episodes its :meth:`batch_spec` asks for, optimises with AdamW
 and a step schedule, keeps the last epoch or the one with the lowest validation
-loss, and writes the checkpoint with its metadata.
+loss, lets the method calibrate on the source validation episodes, and writes the
+checkpoint with its metadata.
 """
 
 from __future__ import annotations
