@@ -39,7 +39,8 @@ from nagl.training.episodes import FeatureStore, split_source
 from nagl.training.loop import train_on_source
 from nagl.training.schedule import schedule_for
 
-VARIANTS = {"paper": {}, "embedded-loss": {"loss_form": "embedded"}, "unmatched": {"match_defect_type": False}}
+VARIANTS = {"paper": {"match_defect_type": True}, "embedded-loss": {"loss_form": "embedded", "match_defect_type": True},
+            "unmatched": {"match_defect_type": False}}
 
 
 def held_out_auroc(model, manifest, store, seed, source, ref_seeds=(0, 1, 2)):

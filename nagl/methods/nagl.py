@@ -17,7 +17,14 @@ masked abnormal references and a query that is abnormal with probability 1/2.
 Losses, each with weight 1: cross-entropy of ``[1 - t, t]`` against the label,
 ``t`` = mean of the top-k patch scores (k = 20 at 32x32, scaled with the grid);
 focal loss (alpha 0.25, gamma 2) and dice loss of the two-channel map
-``[s_n, s_a]``, upsampled to the mask size, against ``[1 - mask, mask]``.
+``[s_n, s_a]``, upsampled to the mask size, against ``[1 - mask, mask]``. Their
+form is the option ``loss_form``: ``paper`` (default; softmax cross-entropy of the
+logits ``[1 - t, t]``, sigmoid focal loss on the maps as logits, dice on the channel
+softmax summed over channels) or ``embedded`` (the former forms; see
+:func:`image_loss`, :func:`pixel_loss`).
+
+Initialisation as the reference: proxies N(0, 1), attention projections
+xavier-uniform with zero biases (:meth:`AttentionLayer.reset_parameters`).
 
 Every attention layer is multi-head attention without dropout, a residual
 connection and a LayerNorm after it; no feed-forward block. The head count is the

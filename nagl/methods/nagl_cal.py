@@ -16,8 +16,9 @@ checkpoint and enters the method config hash of every result row. Nothing from a
 target dataset is read.
 
 ``match_defect_type`` (training episodes): True, an abnormal query gets references of
-its own defect type (the paper); False, of another type of its category where it has
-one (test-time references are drawn over all types, independently of the query).
+its own defect type (the paper); False (the default, chosen on the sources: see
+docs/methods.md), of another type of its category where it has one (test-time
+references are drawn over all types, independently of the query).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class NaglCalMethod(NaglMethod):
     name = "nagl-cal"
 
     def __init__(self, dim: int, proxies: int = 25, heads: int = 4, seed: int = 0, loss_form: str = "paper",
-                 abnormal_weight: float = 1.0, match_defect_type: bool = True):
+                 abnormal_weight: float = 1.0, match_defect_type: bool = False):
         super().__init__(dim, proxies=proxies, heads=heads, seed=seed, loss_form=loss_form)
         weight = float(abnormal_weight)
         if not math.isfinite(weight) or weight < 0:

@@ -6,7 +6,8 @@ runs inside the loop. The method builds its loss (:class:`~nagl.methods.base.Tra
 the loop draws the episodes its :meth:`batch_spec` asks for, optimises with AdamW
 and a step schedule, keeps the last epoch, the one with the lowest validation
 loss or the one with the highest held-out source image AUROC
-(:mod:`nagl.training.selection`), and writes the checkpoint with its metadata.
+(:mod:`nagl.training.selection`), lets the method calibrate on held-out SOURCE
+episodes, and writes the checkpoint with its metadata.
 
 The seed sets the three random parts of training: the source validation split,
 the initial weights and the episode order.
