@@ -259,7 +259,8 @@ class Evaluator:
         for key in keys:
             start = time.perf_counter()
             masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
-            if key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal):
+            from_shared = key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal)
+            if from_shared:
                 # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
                 patch_map = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid)
             else:
@@ -272,7 +273,7 @@ class Evaluator:
                 patch_map = torch.cat(patch_maps)
             n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             scores = image_scores(patch_map).numpy().astype(np.float64)
-            score_seconds = time.perf_counter() - start + shared_seconds.get(key.k_normal, 0.0)
+            score_seconds = time.perf_counter() - start + (shared_seconds[key.k_normal] if from_shared else 0.0)
             in_gallery = key in gallery
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
             maps = anomaly_maps(patch_map, resolution).numpy() if self.has_masks or in_gallery else None
