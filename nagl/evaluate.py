@@ -410,7 +410,9 @@ class Evaluator:
                 raise NaglError(f"method {self.method_name!r} uses normal references only; k_normal = 0 "
                                 f"cannot be scored (cell {key})")
             start = time.perf_counter()
-            if code is None and key.k_normal in shared and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal):
+            from_shared = (code is None and key.k_normal in shared
+                           and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal))
+            if from_shared:
                 # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
                 patch_map, own_scores = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid), [None]
                 n_pseudo = 0
@@ -427,7 +429,7 @@ class Evaluator:
                 own_scores = [own]
             image_score, pixel_maps = final_image_scores(self.method, patch_map, own_scores, resolution)
             scores = image_score.numpy().astype(np.float64)
-            score_seconds = time.perf_counter() - start + shared_seconds.get(key.k_normal, 0.0)
+            score_seconds = time.perf_counter() - start + (shared_seconds[key.k_normal] if from_shared else 0.0)
             in_gallery = key in gallery
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
             maps = None

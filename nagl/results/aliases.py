@@ -71,7 +71,7 @@ def canonical_cells(keys: Sequence[Any], trainable: Iterable[str]) -> dict[Any, 
         group = _group(key)
         if group is not None:
             canonical.setdefault(group, key)
-    return {key: canonical.get(_group(key), key) if _group(key) is not None else key for key in keys}
+    return {key: canonical.get(_group(key), key) for key in keys}  # no group (None): the cell itself
 
 
 def canonical_run_id(config: RunConfig, canonical_key: Any) -> str:
