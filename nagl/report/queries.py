@@ -116,7 +116,8 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
     data.per_target = rows_of(con, """
         WITH per_seed AS (
             SELECT method, backbone, target, k_normal, k_abnormal, seed, level, metric,
-                   AVG(value) AS value, COUNT(value) AS n_sources, MAX(n_categories) AS n_categories
+                   AVG(value) AS value, COUNT(DISTINCT CASE WHEN value IS NOT NULL THEN source END) AS n_sources,
+                   MAX(n_categories) AS n_categories
             FROM target_means WHERE NOT in_domain GROUP BY ALL)
         SELECT method, backbone, target, k_normal, k_abnormal, level, metric,
                AVG(value) AS mean, STDDEV_SAMP(value) AS std, COUNT(value) AS n_seeds,
@@ -126,7 +127,7 @@ def load(con: duckdb.DuckDBPyConnection) -> ReportData:
     data.per_category = rows_of(con, """
         WITH per_seed AS (
             SELECT method, backbone, target, category, k_normal, k_abnormal, seed, level, metric,
-                   AVG(value) AS value, COUNT(value) AS n_sources
+                   AVG(value) AS value, COUNT(DISTINCT CASE WHEN value IS NOT NULL THEN source END) AS n_sources
             FROM cell_metrics WHERE NOT in_domain GROUP BY ALL)
         SELECT method, backbone, target, category, k_normal, k_abnormal, level, metric,
                AVG(value) AS mean, STDDEV_SAMP(value) AS std, COUNT(value) AS n_seeds,
