@@ -24,7 +24,7 @@ def test_the_default_config_loads_typed_and_frozen():
     assert config.shots.k_normal == (1, 2, 4) and config.shots.k_abnormal == (0, 1)
     assert config.training.profile == "embedded" and config.backbone == "effnet-lite0"
     assert config.shots.settings()[:3] == [(1, 0), (1, 1), (2, 0)]
-    assert config.trainable_methods == ["nagl", "inctrl"] and "nagl" not in config.training_free_methods
+    assert config.trainable_methods == ["nagl", "nagl-cal", "inctrl"] and "nagl" not in config.training_free_methods
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.backbone = "other"  # type: ignore[misc]
     assert validate_config(config.as_dict()) == config  # the JSON form reads back the same
