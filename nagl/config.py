@@ -201,12 +201,16 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
 def _check_names(run: RunConfig, origin: str) -> None:
     """Names against the registries; the backbone must take the image size."""
     from nagl.data.registry import load_registry
-    from nagl.methods import list_methods
+    from nagl.methods import list_methods, method_class
     from nagl.models.backbones import backbone_info, list_backbones
     from nagl.training.schedule import list_profiles
 
     for method in run.methods:
         _choose(origin, "methods", method, list_methods(), "method")
+        if not method_class(method).uses_abnormal_refs and 0 not in run.shots.k_abnormal:
+            raise NaglError(f"{origin}: method {method!r} uses normal references only, so it is evaluated in "
+                            f"k_abnormal = 0 cells only, and shots.k_abnormal {list(run.shots.k_abnormal)} has "
+                            f"none: add 0 to shots.k_abnormal or remove the method")
     _choose(origin, "training.profile", run.training.profile, list_profiles(), "training profile")
     known = load_registry()
     for key in ("sources", "targets"):

@@ -375,7 +375,7 @@ def test_cache_stores_levels_per_image_in_one_pass_and_slices_the_default_file(m
 def _evaluate(config, method, source="-"):
     from nagl.evaluate import evaluate_job
 
-    return evaluate_job(config, method, source, "lv-target")
+    return evaluate_job(config, method, source, "lv-target", None if source == "-" else 0)
 
 
 def test_features_step_caches_the_union_of_the_methods_levels(mini):

@@ -48,7 +48,7 @@ CONFIG = {
     "backbone": "effnet-lite0",
     "image_size": 64,
     "eval_resolution": 32,
-    "methods": ["nagl", "knn-normal"],
+    "methods": ["nagl", "knn-naive"],
     "sources": ["uni-a", "uni-b", "uni-c"],
     "targets": ["uni-a", "uni-c", "uni-d"],
     "union_sources": "leave-one-out",
@@ -170,21 +170,21 @@ def test_training_a_union_reads_every_member_and_never_the_target(workspace, mon
 
 def test_union_cells_store_source_datasets_and_are_cross_domain(workspace):
     config = validate_config(CONFIG)
-    train_from_config(config, "nagl", "all-but-uni-c",
-                      paths.model_dir(config.results, "nagl", config.backbone, "all-but-uni-c"))
-    cells = evaluate_job(config, "nagl", "all-but-uni-c", "uni-c")
+    train_from_config(config, "nagl", "all-but-uni-c", 0,
+                      paths.model_dir(config.results, "nagl", config.backbone, "all-but-uni-c", 0))
+    cells = evaluate_job(config, "nagl", "all-but-uni-c", "uni-c", 0)
     run = read_json(os.path.join(cells[0], "run.json"))
     assert run["source"] == "all-but-uni-c" and run["source_datasets"] == ["uni-a", "uni-b"]
     assert run["in_domain"] is False
     assert run["source_dataset_hash"] == source_content_hash(["uni-a", "uni-b"])[0]
-    free = evaluate_job(config, "knn-normal", "-", "uni-c")
+    free = evaluate_job(config, "knn-naive", "-", "uni-c")
     assert read_json(os.path.join(free[0], "run.json"))["source_datasets"] is None
 
     db = workspace / "results" / "union.duckdb"
     ingest(workspace / "results", db, [], {}, cell_dirs=[*cells, *free])
     with duckdb.connect(str(db), read_only=True) as con:
         rows = con.execute("SELECT method, source, source_datasets, in_domain FROM runs ORDER BY method").fetchall()
-    assert rows == [("knn-normal", "-", None, False), ("nagl", "all-but-uni-c", ["uni-a", "uni-b"], False)]
+    assert rows == [("knn-naive", "-", None, False), ("nagl", "all-but-uni-c", ["uni-a", "uni-b"], False)]
 
 
 def test_union_hash_changes_when_a_member_changes(workspace, tmp_path, monkeypatch):
@@ -215,7 +215,7 @@ def test_dry_run_of_a_tiny_config_has_the_union_sources(workspace):
     out = done.stdout + done.stderr
 
     def job(source, target):
-        return str(paths.job_file("results", "nagl", "effnet-lite0", source, target))
+        return str(paths.job_file("results", "nagl", "effnet-lite0", source, target, 0))
 
     for source, target in (("all-but-uni-a", "uni-a"), ("all-but-uni-c", "uni-c"), ("all-sources", "uni-d"),
                            ("uni-a", "uni-a"), ("uni-b", "uni-d")):
