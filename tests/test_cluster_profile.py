@@ -19,9 +19,10 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(project):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", output, flags=re.M))
-    # paper.yaml: 5 datasets, nagl trained on 2 sources; nagl 2x5 + 2 training-free x 5 evaluations.
+    # paper.yaml: 5 datasets, nagl trained on 2 sources x 3 training seeds; nagl 2x3x5 + 2 training-free x 5
+    # evaluations.
     assert counts["prepare_dataset"] == "5" and counts["extract_features"] == "5"
-    assert counts["train"] == "2" and counts["evaluate"] == "20" and counts["ingest"] == "1"
+    assert counts["train"] == "6" and counts["evaluate"] == "40" and counts["ingest"] == "1"
     blocks = output.split("\nrule ")
     for rule in ("train", "evaluate", "extract_features"):
         block = next(b for b in blocks if b.startswith(rule + ":"))

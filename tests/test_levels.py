@@ -423,9 +423,9 @@ def test_harness_dispatches_levels_to_multi_level_methods(mini, monkeypatch):
 
 
 def test_normal_only_methods_need_a_k_abnormal_zero_setting(mini):
-    config = _config(["toy-pyramid"], shots={"k_normal": [0, 1], "k_abnormal": [1]})
-    with pytest.raises(NaglError, match="toy-pyramid.*k_abnormal 0"):
-        _evaluate(config, "toy-pyramid")
+    # refused when the config loads (nagl.config), before any job runs
+    with pytest.raises(NaglError, match="toy-pyramid.*k_abnormal = 0"):
+        _config(["toy-pyramid"], shots={"k_normal": [0, 1], "k_abnormal": [1]})
 
 
 # -- training ------------------------------------------------------------------------------------

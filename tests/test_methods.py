@@ -28,7 +28,7 @@ def brute_sim_max(query: np.ndarray, bank: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ registry --
 
 def test_registry_names_and_trainability():
-    assert sorted(list_methods()) == ["knn-naive", "knn-normal", "nagl", "nagl-cal"]
+    assert sorted(list_methods()) == ["inctrl", "knn-naive", "knn-normal", "nagl", "nagl-cal", "resad"]
     assert create_method("nagl", 8).trainable
     assert not create_method("knn-normal", 8).trainable
     assert not create_method("knn-naive", 8).trainable

@@ -51,8 +51,9 @@ MINI_CONFIG = {
     "results": "results",
     "report": "reports/leaderboard.html",
 }
-# nagl: 2 sources x 2 targets x 1 category x 4 shot settings x 2 seeds; knn-normal: 2 targets x 4 x 2.
-EXPECTED_CELLS = 2 * 2 * 4 * 2 + 2 * 4 * 2
+# nagl: 2 sources x 2 targets x 1 category x 4 shot settings x 2 seeds; knn-normal (it ignores abnormal
+# references: the 2 settings with k_abnormal = 0 only): 2 targets x 2 x 2.
+EXPECTED_CELLS = 2 * 2 * 4 * 2 + 2 * 2 * 2
 
 
 def _write_config(root: Path, **changes) -> Path:
