@@ -455,6 +455,11 @@ class TrainableMethod(Method):
         """The method's training hyper-parameters, recorded with the checkpoint."""
         return {}
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """``(total, trainable)`` parameters of :meth:`trainable_module` (the backbone not included)."""
+        params = list(self.trainable_module().parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
     # -- hooks of the loop; the defaults are NAGL's training ----------------------------
     def configure_optimisers(self, schedule: Any) -> list[torch.optim.Optimizer]:
         """The optimisers (the loop puts a MultiStepLR of the schedule on each): one AdamW."""

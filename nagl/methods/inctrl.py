@@ -271,10 +271,6 @@ class InctrlMethod(TrainableMethod):
         return loss, s.detach()
 
     # -- weights ------------------------------------------------------------------------
-    def parameter_counts(self) -> tuple[int, int]:
-        params = list(self.head.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.head.state_dict()
 

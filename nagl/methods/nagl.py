@@ -272,10 +272,6 @@ class NaglMethod(TrainableMethod):
             self._pos[grid] = position_encoding(grid, self.dim)
         return self._pos[grid]
 
-    def parameter_counts(self) -> tuple[int, int]:
-        params = list(self.head.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.head.state_dict()
 

@@ -282,10 +282,6 @@ class ResadMethod(TrainableMethod):
         """Image score = max of the pixel map (the shared upsampled, blurred ``S``)."""
         return pixel_maps.reshape(pixel_maps.shape[0], -1).amax(dim=1)
 
-    def parameter_counts(self) -> tuple[int, int]:
-        params = list(self.head.parameters())
-        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
     # -- checkpoint --------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights, the fixed rotations, BatchNorm statistics, ``c_l`` and BG-SPP's boundary."""
