@@ -34,8 +34,9 @@ from rich.table import Table
 
 from nagl.data.images import load_mask, load_rgb
 from nagl.data.layout import read_manifest
-from nagl.evaluate import QUERY_BATCH, final_image_scores, score_batch
+from nagl.evaluate import QUERY_BATCH
 from nagl.methods import create_method, feature_levels, list_methods, method_class
+from nagl.methods.base import final_image_scores, score_batch
 from nagl.models.backbones import backbone_shapes, create_backbone
 from nagl.models.cache import FeatureCache
 from nagl.settings import datasets_dir
@@ -113,11 +114,14 @@ def head_rate(method, backbone, cache, manifest, dataset: Path, queries: int, k_
     def rows(features, begin, end):
         return {k: v[begin:end] for k, v in features.items()} if isinstance(features, dict) else features[begin:end]
 
+    grid = ({name: backbone.levels[name][0] for name in levels if name in backbone.levels} if levels
+            else backbone.grid)
+
     def run(count: int) -> None:
         patches, parts = [], []
         for begin in range(0, count, QUERY_BATCH):
-            patch, image = score_batch(method, backbone, rows(query, begin, min(begin + QUERY_BATCH, count)),
-                                       normal, abnormal, masks, category)
+            patch, image = score_batch(method, rows(query, begin, min(begin + QUERY_BATCH, count)),
+                                       normal, abnormal, masks, grid, category)
             patches.append(patch)
             parts.append(image)
         final_image_scores(method, torch.cat(patches), parts, backbone.image_size)

@@ -27,8 +27,8 @@ from nagl.data.unions import source_content_hash
 from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
-from nagl.methods import Method, create_method, load_method, method_class
-from nagl.methods.base import anomaly_maps, nested_normal_scores, pseudo_mask_count
+from nagl.methods import create_method, load_method, method_class
+from nagl.methods.base import anomaly_maps, final_image_scores, nested_normal_scores, pseudo_mask_count, score_batch
 from nagl.metrics import image_metrics, pixel_metrics
 from nagl.models.backbones import Backbone, create_backbone
 from nagl.models.cache import FeatureCache
@@ -168,6 +168,9 @@ class Evaluator:
             self.method = create_method(method, dim=self.backbone.dim,
                                         **method_class(method).config_for_backbone(self.backbone))
         self.levels = type(self.method).feature_levels(self.backbone)  # empty: the default grid
+        # What score() gets as its grid: the default grid, or each level's grid
+        self.grid = ({name: self.backbone.levels[name][0] for name in self.levels if name in self.backbone.levels}
+                     if self.levels else self.backbone.grid)
         if self.levels:
             self._check_level_shapes()
         if hasattr(self.method, "eval"):
@@ -332,8 +335,8 @@ class Evaluator:
         patch_maps, image_parts = [], []
         with torch.no_grad():
             for begin in range(0, _count(query_features), QUERY_BATCH):
-                patch, image = score_batch(self.method, self.backbone, _rows(query_features, begin, begin + QUERY_BATCH),
-                                           normal, abnormal, masks, category)
+                patch, image = score_batch(self.method, _rows(query_features, begin, begin + QUERY_BATCH),
+                                           normal, abnormal, masks, self.grid, category)
                 patch_maps.append(patch)
                 image_parts.append(image)
         return torch.cat(patch_maps), image_parts
@@ -484,30 +487,6 @@ class Evaluator:
             "images_per_second": n_queries / max(score_seconds, 1e-9),
             "created_at": now_utc(),
         }
-
-
-@torch.no_grad()
-def score_batch(method: Method, backbone: Backbone, query, normal, abnormal, masks,
-                category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(patch_maps, image_scores or None)`` of one batch of queries: the default grid's tensors
-    and grid, or for a multi-level method dicts of levels, their grids and the category."""
-    if method.level_group is None:
-        return method.score(query, normal, abnormal, masks, backbone.grid), None
-    grids = {name: backbone.levels[name][0] for name in query if name in backbone.levels}
-    out = method.score(query, normal, abnormal, masks, grids, category=category)
-    return out if isinstance(out, tuple) else (out, None)
-
-
-@torch.no_grad()
-def final_image_scores(method: Method, patch_maps: torch.Tensor, parts: list[torch.Tensor | None],
-                       resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(image scores (Q,), pixel maps or None)``: the scores the method returned with its patch
-    maps (``parts``, one per batch), else its ``image_scores`` hook, given the pixel maps when it
-    asks for them."""
-    if parts and all(part is not None for part in parts):
-        return torch.cat(parts), None
-    pixel_maps = anomaly_maps(patch_maps, resolution) if method.image_scores_need_pixels else None
-    return method.image_scores(patch_maps, pixel_maps), pixel_maps
 
 
 def _rows(features: torch.Tensor | dict[str, torch.Tensor], begin: int, end: int):

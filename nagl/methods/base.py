@@ -321,6 +321,30 @@ def image_scores(S: torch.Tensor) -> torch.Tensor:
     return top_k_mean(S.float(), k)
 
 
+@torch.no_grad()
+def score_batch(method: Method, query, normal, abnormal, masks, grid,
+                category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(patch_maps, image_scores or None)`` of one batch of queries, as evaluation and checkpoint
+    selection score them: ``grid`` is the default grid ``(h, w)`` for a single-grid method, or
+    ``{level: (h, w)}`` for a multi-level one, which also gets the category."""
+    if method.level_group is None:
+        return method.score(query, normal, abnormal, masks, grid), None
+    out = method.score(query, normal, abnormal, masks, grid, category=category)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+@torch.no_grad()
+def final_image_scores(method: Method, patch_maps: torch.Tensor, parts: list[torch.Tensor | None],
+                       resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(image scores (Q,), pixel maps or None)``: the scores the method returned with its patch
+    maps (``parts``, one per batch), else its ``image_scores`` hook, given the pixel maps when it
+    asks for them."""
+    if parts and all(part is not None for part in parts):
+        return torch.cat(parts), None
+    pixel_maps = anomaly_maps(patch_maps, resolution) if method.image_scores_need_pixels else None
+    return method.image_scores(patch_maps, pixel_maps), pixel_maps
+
+
 # ---------------------------------------------------------------- interface --
 
 class Method(ABC):

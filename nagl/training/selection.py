@@ -20,7 +20,7 @@ import torch
 
 from nagl.io import stable_hash
 from nagl.methods import TrainableMethod
-from nagl.methods.base import anomaly_maps
+from nagl.methods.base import final_image_scores, score_batch
 from nagl.training.batch import BatchSpec, Episode
 from nagl.training.episodes import FeatureStore, SourcePool
 
@@ -85,17 +85,14 @@ def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: Feat
     normal, abnormal = features(list(detection_set.normal)), features(abnormal_rows)
     masks = (torch.stack([store.mask(r) for r in abnormal_rows])
              if store.mask_size is not None and abnormal_rows else None)
-    extra = {"category": detection_set.category} if multi else {}
-    scores = []
+    patches, parts = [], []
     for start in range(0, len(detection_set.queries), batch):
         query = features(list(detection_set.queries[start:start + batch]))
-        out = method.score(query, normal, abnormal, masks, grid, **extra)
-        if isinstance(out, tuple):
-            scores.append(out[1])
-            continue
-        pixels = anomaly_maps(out, SELECTION_RESOLUTION) if method.image_scores_need_pixels else None
-        scores.append(method.image_scores(out, pixels))
-    return torch.cat(scores).numpy().astype(np.float64)
+        patch, part = score_batch(method, query, normal, abnormal, masks, grid, detection_set.category)
+        patches.append(patch)
+        parts.append(part)
+    scores, _ = final_image_scores(method, torch.cat(patches), parts, SELECTION_RESOLUTION)
+    return scores.numpy().astype(np.float64)
 
 
 def detection_auroc(method: TrainableMethod, sets: Sequence[DetectionSet], store: FeatureStore,
