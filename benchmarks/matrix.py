@@ -13,13 +13,14 @@ minor page faults, each exact from wait4(2) (every job runs under
 workflow/scripts/jobtime.py), and the ratio of a stage to its floor:
 
 - features: backbone passes / the backbone's measured batch throughput (random
-  preprocessed batches of 16, the rule's 2 torch threads);
+  preprocessed batches of 16, the rule's torch threads: 1);
 - train: the optimiser steps alone (forward loss, backward, step: every
   ``loss.backward()`` to its ``optimiser.step()``, plus the loss), timed in-process on a
   rerun of each training with the same config;
 - evaluate: the cells' pure scoring time (method forward on cached features and
   image scores: ``n_queries / images_per_second`` of every computed row of ``runs``;
-  an alias cell is not scored, docs/architecture.md).
+  an alias cell is not scored, docs/architecture.md), plus the method forwards of the
+  reference-use checks (``check_score_seconds`` of the job files).
 
 Per-job start-up: a fresh interpreter importing the CLI and nagl.evaluate (the
 imports an evaluation job pays before its work), best of 3, times the jobs.
@@ -94,7 +95,7 @@ def startup_seconds(env: dict) -> tuple[float, float]:
     return best
 
 
-def backbone_images_per_second(config: dict, threads: int = 2, batch: int = 16) -> float:
+def backbone_images_per_second(config: dict, threads: int = 1, batch: int = 16) -> float:
     """Forward throughput of the run's backbone on preprocessed random batches (after a warm-up)."""
     import numpy as np
     import torch
@@ -245,13 +246,17 @@ def main() -> None:
         # An alias was not scored (it carries its canonical cell's timings): computed cells only.
         score_seconds = con.execute(
             "SELECT sum(n_queries / images_per_second) FROM runs WHERE alias_of IS NULL").fetchone()[0]
+    # The reference-use checks score each abnormal-reference cell again with swapped references:
+    # method forwards on cached features too, recorded per job (not in any cell's time).
+    check_seconds = sum(json.loads(p.read_text()).get("check_score_seconds", 0.0)
+                        for p in (root / config.results / "jobs").rglob("*.json"))
     computed = sum(json.loads(p.read_text())["computed"]
                    for p in (root / paths.feature_stamp(config.results, config.backbone, "-")).parent.glob("*.json"))
     cached = sum(1 for _ in (root / ".cache" / "nagl" / "features").rglob("*.npy"))
 
     os.environ.update(env)  # the in-process measurements read this project's datasets and cache
     throughput = backbone_images_per_second(config)
-    floors = {"features": computed / throughput, "evaluate": score_seconds,
+    floors = {"features": computed / throughput, "evaluate": score_seconds + check_seconds,
               "train": training_step_seconds(config, root / "floor-models")}
     startup = startup_seconds(env)
 
@@ -263,7 +268,9 @@ def main() -> None:
     print(f"images in the datasets:     {images}")
     print(f"backbone passes:            {computed} ({computed / images:.2f} per image; "
           f"{cached} feature files in the cache)")
-    print(f"backbone throughput:        {throughput:.1f} images/s (batch 16, 2 threads)")
+    print(f"backbone throughput:        {throughput:.1f} images/s (batch 16, 1 thread, as the features rule)")
+    print(f"evaluation floor:           {score_seconds:.1f} s scoring the computed cells + {check_seconds:.1f} s "
+          "scoring their reference-use checks")
     print()
     print(f"whole clean run, exact:     {run_usage['cpu']:.0f} CPU s ({run_usage['user']:.0f} user, "
           f"{run_usage['system']:.0f} system), {run_usage['faults']:,d} minor page faults "

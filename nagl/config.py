@@ -119,6 +119,15 @@ class RunConfig:
             jobs += [(method, TRAINING_FREE_SOURCE, None, target) for method in self.training_free_methods]
         return jobs
 
+    def evaluation_groups(self) -> dict[tuple[str, str, int | None], list[str]]:
+        """The evaluation jobs of :meth:`evaluation_jobs` grouped into the workflow's jobs: one per
+        ``(method, source, training seed)``, over its targets (in order), so a process's start-up
+        (importing torch, loading the checkpoint) is paid once for all of them."""
+        groups: dict[tuple[str, str, int | None], list[str]] = {}
+        for method, source, train_seed, target in self.evaluation_jobs():
+            groups.setdefault((method, source, train_seed), []).append(target)
+        return groups
+
     def datasets(self) -> list[str]:
         """The datasets the run needs: its targets, and its sources (with the datasets of its
         union sources) when a method is trained."""
@@ -159,8 +168,12 @@ def _choose(origin: str, setting: str, name: str, known: list[str], where: str) 
         raise NaglError(f"{origin}: {setting}: unknown {where} {name!r}; choose one of: {', '.join(known)}")
 
 
-def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunConfig:
-    """Check ``config`` against the schema, the registries and the cross-field rules."""
+def validate_config(config: Mapping[str, Any], origin: str = "config", check_backbone: bool = True) -> RunConfig:
+    """Check ``config`` against the schema, the registries and the cross-field rules.
+
+    ``check_backbone`` False skips building the backbone (on the meta device, which imports
+    its library) to check the image size: for the run config the workflow wrote after that check.
+    """
     training = config.get("training")
     if isinstance(training, Mapping) and "seed" in training:
         raise NaglError(f"{origin}: training.seed is no longer a setting; write training.seeds, a list of "
@@ -188,7 +201,7 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
         results=str(raw["results"]), report=str(raw["report"]),
         union_sources=str(raw["union_sources"]), explicit_unions=explicit,
         reference_checks=bool(raw["reference_checks"]), protocols=tuple(raw["protocols"]))
-    _check_names(run, origin)
+    _check_names(run, origin, check_backbone)
     if 0 in shots.k_normal and 0 in shots.k_abnormal:
         raise NaglError(f"{origin}: shots: k_normal and k_abnormal both contain 0, and a cell "
                         f"with no references at all cannot be scored; remove 0 from one list")
@@ -198,7 +211,7 @@ def validate_config(config: Mapping[str, Any], origin: str = "config") -> RunCon
     return run
 
 
-def _check_names(run: RunConfig, origin: str) -> None:
+def _check_names(run: RunConfig, origin: str, check_backbone: bool = True) -> None:
     """Names against the registries; the backbone must take the image size."""
     from nagl.data.registry import load_registry
     from nagl.methods import list_methods, method_class
@@ -220,6 +233,8 @@ def _check_names(run: RunConfig, origin: str) -> None:
                                 f"known: {', '.join(sorted(known))}")
     _check_unions(run, origin, set(known))
     _choose(origin, "backbone", run.backbone, list_backbones(), "backbone")
+    if not check_backbone:
+        return
     try:
         backbone_info(run.backbone, run.image_size)
     except NaglError as error:
@@ -315,4 +330,5 @@ def read_effective_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise NaglError(f"run config {path} not found; it is written by the workflow "
                         f"(`nagl run`), not by hand")
-    return validate_config(json.loads(path.read_text()), origin=str(path))
+    # Written by the workflow from a config it validated, the backbone's image size included.
+    return validate_config(json.loads(path.read_text()), origin=str(path), check_backbone=False)

@@ -28,15 +28,15 @@ from nagl.errors import NaglError
 from nagl.heatmap import heat_rgb
 from nagl.io import read_json, stable_hash
 from nagl.methods import create_method, load_method, method_class
-from nagl.methods.base import anomaly_maps, final_image_scores, nested_normal_scores, pseudo_mask_count, score_batch
+from nagl.methods.base import NormalSide, anomaly_maps, final_image_scores, pseudo_mask_count, score_batch
 from nagl.metrics import image_metrics, pixel_metrics
-from nagl.models.backbones import Backbone, create_backbone
+from nagl.models.backbones import Backbone, DescribedBackbone, create_backbone
 from nagl.models.cache import FeatureCache
-from nagl.paths import cell_dir, model_dir, model_file
+from nagl.paths import cell_dir, feature_stamp, model_dir, model_file
 from nagl.protocol import ReferenceCodeSplit, ReferenceSplit, draw_reference_code_split, draw_reference_split
 from nagl.provenance import git_commit, now_utc, package_versions
 from nagl.reference_checks import centre_square, check_frame, check_row, draw_swapped_references
-from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, is_normal_knn_cell, write_alias
+from nagl.results.aliases import MEASURED_COLUMNS, canonical_cells, canonical_run_id, write_alias
 from nagl.results.cell import write_cell
 from nagl.settings import cache_dir
 
@@ -66,6 +66,21 @@ class CellKey:
         # A clean cell keeps the run_id it had before protocols existed.
         key = {k: v for k, v in self.__dict__.items() if k != "protocol" or v != "clean"}
         return stable_hash({**key, "settings": settings_hash}, length=20)
+
+
+def evaluation_backbone(config: RunConfig, results: Path, target: str) -> Backbone | DescribedBackbone:
+    """The backbone as the target's features step described it (its stamp), so an evaluation job
+    neither imports timm nor loads weights; the network itself without a stamp."""
+    stamp = feature_stamp(results, config.backbone, target)
+    if stamp.is_file():
+        try:
+            description = read_json(stamp).get("backbone")
+        except (OSError, ValueError):
+            description = None
+        if (isinstance(description, dict) and description.get("name") == config.backbone
+                and description.get("image_size") == config.image_size):
+            return DescribedBackbone(description)
+    return create_backbone(config.backbone, config.image_size)
 
 
 def feature_cache(backbone: Backbone) -> FeatureCache:
@@ -144,7 +159,7 @@ class Evaluator:
             raise NaglError(f"method {method!r}: a trained method's job needs its checkpoint's training seed, "
                             f"a training-free method's none (got {train_seed!r})")
         self.train_seed = train_seed
-        self.backbone = create_backbone(config.backbone, config.image_size)
+        self.backbone = evaluation_backbone(config, results, target)
         self.cache = feature_cache(self.backbone)
         self.root = dataset_path(target)
         self.manifest = read_manifest(self.root)
@@ -187,6 +202,7 @@ class Evaluator:
         self._mask_memo: dict[tuple[str | None, int], np.ndarray] = {}
         self.computed: list[str] = []  # the job's cell folders it scores, and those recorded as aliases
         self.aliased: list[str] = []
+        self.check_seconds = 0.0  # scoring the reference-use checks' swapped references (not a cell's time)
 
     def _check_level_shapes(self) -> None:
         """A multi-level checkpoint must have been trained for this backbone's levels."""
@@ -260,7 +276,7 @@ class Evaluator:
             largest[key.method] = max(largest.get(key.method, (0, 0)), (key.k_normal, key.k_abnormal))
         gallery_cells = {key for key in canonical if (key.k_normal, key.k_abnormal) == largest[key.method]}
         gallery_cells |= {canonical[key] for key in gallery_cells}
-        self.computed, self.aliased = [], []
+        self.computed, self.aliased, self.check_seconds = [], [], 0.0
         for category in categories:
             self._feature_memo.clear()
             self._mask_memo.clear()
@@ -329,14 +345,20 @@ class Evaluator:
         return [str(key.folder(self.results)) for key in keys]
 
     def _patch_map(self, query_features, normal, abnormal, masks: torch.Tensor | None,
-                   category: str) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+                   category: str, normal_side: NormalSide | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """The method's patch maps of the queries, scored in batches of QUERY_BATCH, and its own
-        image scores per batch (None where the method returns none)."""
+        image scores per batch (None where the method returns none). ``normal_side``: the
+        queries' shared normal-side work for these normal references (``Method.normal_side``)."""
         patch_maps, image_parts = [], []
+        # With the normal side given, the method's remaining work is per query (it chunks it itself):
+        # one call, so what it derives from the abnormal references is computed once, not per batch.
+        batch = _count(query_features) if normal_side is not None else QUERY_BATCH
         with torch.no_grad():
-            for begin in range(0, _count(query_features), QUERY_BATCH):
-                patch, image = score_batch(self.method, _rows(query_features, begin, begin + QUERY_BATCH),
-                                           normal, abnormal, masks, self.grid, category)
+            for begin in range(0, _count(query_features), max(batch, 1)):
+                end = begin + batch
+                patch, image = score_batch(self.method, _rows(query_features, begin, end),
+                                           normal, abnormal, masks, self.grid, category,
+                                           normal_side.rows(begin, end) if normal_side is not None else None)
                 patch_maps.append(patch)
                 image_parts.append(image)
         return torch.cat(patch_maps), image_parts
@@ -379,15 +401,20 @@ class Evaluator:
 
     def _reference_checks(self, key: CellKey, swapped: list[tuple[str, torch.Tensor, torch.Tensor | None]],
                           query_features: torch.Tensor, normal_features: torch.Tensor, labels: np.ndarray,
-                          query_masks: np.ndarray | None, category: str) -> pd.DataFrame:
-        """The cell's rows of ``reference_checks``: its queries and normal references, abnormal ones swapped."""
+                          query_masks: np.ndarray | None, category: str,
+                          normal_side: NormalSide | None) -> pd.DataFrame:
+        """The cell's rows of ``reference_checks``: its queries and normal references (and the clean
+        cell's normal-side work), abnormal ones swapped."""
         rows = []
         for variant, features, masks in swapped:
             if len(features) < key.k_abnormal:
                 continue  # too few candidates for this many references: no row
+            start = time.perf_counter()
             patch_map, _ = self._patch_map(query_features, _rows(normal_features, 0, key.k_normal),
                                            _rows(features, 0, key.k_abnormal),
-                                           masks[:key.k_abnormal] if masks is not None else None, category)
+                                           masks[:key.k_abnormal] if masks is not None else None, category,
+                                           normal_side)
+            self.check_seconds += time.perf_counter() - start
             row = check_row(variant, labels, patch_map, query_masks, self.config.eval_resolution)
             if row is not None:
                 rows.append(row)
@@ -407,23 +434,17 @@ class Evaluator:
         split_json = split.to_json() if code is None else code.to_json()
         checked = [key for key in keys if self._checks_for(key)]
         swapped = self._swapped_references(split, max(k.k_abnormal for k in checked)) if checked else []
-        shared, shared_seconds = self._shared_normal_scores(query_features, normal_features, keys)
+        sides, side_seconds = self._normal_sides(query_features, normal_features, keys) if code is None else ({}, {})
         for key in keys:
             if not self.method.uses_abnormal_refs and key.k_normal == 0:
                 raise NaglError(f"method {self.method_name!r} uses normal references only; k_normal = 0 "
                                 f"cannot be scored (cell {key})")
             start = time.perf_counter()
-            from_shared = (code is None and key.k_normal in shared
-                           and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal))
-            if from_shared:
-                # The method's own map (nagl.results.aliases), from the split's one search of the normal bank.
-                patch_map, own_scores = (1.0 - shared[key.k_normal]).reshape(-1, *self.backbone.grid), [None]
-                n_pseudo = 0
-            elif code is None:
+            if code is None:
                 masks = abnormal_masks[:key.k_abnormal] if abnormal_masks is not None else None
                 patch_map, own_scores = self._patch_map(query_features, _rows(normal_features, 0, key.k_normal),
                                                         _rows(abnormal_features, 0, key.k_abnormal), masks,
-                                                        split.category)
+                                                        split.category, sides.get(key.k_normal))
                 n_pseudo = pseudo_mask_count(masks, key.k_abnormal, self.backbone.grid)
             else:
                 patch_map, own, n_pseudo = self._reference_code_map(
@@ -432,7 +453,7 @@ class Evaluator:
                 own_scores = [own]
             image_score, pixel_maps = final_image_scores(self.method, patch_map, own_scores, resolution)
             scores = image_score.numpy().astype(np.float64)
-            score_seconds = time.perf_counter() - start + (shared_seconds[key.k_normal] if from_shared else 0.0)
+            score_seconds = time.perf_counter() - start + side_seconds.get(key.k_normal, 0.0)
             in_gallery = key in gallery
             # Pixel maps serve the pixel metrics and the gallery only: an image-level target skips them.
             maps = None
@@ -447,25 +468,27 @@ class Evaluator:
             gallery_frame = _gallery(queries, self.root, maps, self.has_masks) if in_gallery else None
             eval_seconds = time.perf_counter() - start  # the check below is not the cell's evaluation time
             checks = (self._reference_checks(key, swapped, query_features, normal_features, labels, query_masks,
-                                             split.category)
+                                             split.category, sides.get(key.k_normal))
                       if key in checked else None)
             write_cell(key.folder(self.results), self._run_row(key, split, len(queries), int(labels.sum()),
                                                                score_seconds, eval_seconds, n_pseudo),
                        metrics, scores_frame, split_json, gallery_frame, checks)
 
-    def _shared_normal_scores(self, query_features, normal_features,
-                              keys: list[CellKey]) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
-        """``s_n`` of the queries for every k_normal of the cells whose map is ``1 - s_n``, from one
-        search (:func:`nagl.methods.base.nested_normal_scores`), and each cell's share of its time."""
-        shots = sorted({key.k_normal for key in keys if key.protocol == "clean"
-                        and is_normal_knn_cell(key.method, key.k_normal, key.k_abnormal)})
-        if not shots or self.levels:
+    def _normal_sides(self, query_features, normal_features,
+                      keys: list[CellKey]) -> tuple[dict[int, NormalSide], dict[int, float]]:
+        """The method's normal-side work (``Method.normal_side``) for every k_normal >= 1 of the
+        split's cells, from one search of the largest bank, and each k_normal's share of its time.
+        Empty when the method shares none."""
+        shots = sorted({key.k_normal for key in keys if key.k_normal > 0})
+        if not shots:
             return {}, {}
         start = time.perf_counter()
         with torch.no_grad():
-            scores = nested_normal_scores(query_features.float(), normal_features, shots, chunk=QUERY_BATCH)
+            sides = self.method.normal_side(query_features, normal_features, shots)
+        if sides is None:
+            return {}, {}
         share = (time.perf_counter() - start) / len(shots)
-        return scores, dict.fromkeys(shots, share)
+        return sides, dict.fromkeys(shots, share)
 
     def _run_row(self, key: CellKey, split: ReferenceSplit, n_queries: int, n_anomalous: int,
                  score_seconds: float, eval_seconds: float, n_pseudo_masks: int) -> dict:

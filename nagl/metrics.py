@@ -191,6 +191,31 @@ def pixel_metrics(masks, maps, fpr_limit: float = 0.3) -> dict[str, float | None
     return _pixel_metrics(masks, maps, fpr_limit, with_roc_pr=True)
 
 
+def pixel_auroc(masks, maps) -> float | None:
+    """Pixel AUROC alone, the same number as :func:`pixel_metrics` gives, without its curves:
+    the reference-use checks report only it.
+
+    The trapezoid area under the ROC curve is the Mann-Whitney statistic: the share of
+    (anomalous, normal) pixel pairs ranked in order, a tie counting one half. So only the
+    normal pixels are sorted, and each anomalous pixel is placed among them by binary search;
+    the count is an exact integer, as in :func:`_roc_pr`.
+    """
+    masks, maps = _pixel_inputs(masks, maps)
+    if masks is None:
+        return None
+    n_pos = int(np.count_nonzero(masks))
+    n_neg = masks.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    flat, labels = maps.ravel(), masks.ravel()
+    normal = np.sort(flat[~labels])
+    anomalous = flat[labels]
+    below = np.searchsorted(normal, anomalous, side="left")
+    not_above = np.searchsorted(normal, anomalous, side="right")
+    doubled = int(below.sum(dtype=np.int64)) + int(not_above.sum(dtype=np.int64))  # 2 x below + ties
+    return doubled / (2.0 * n_pos * n_neg)
+
+
 def aupro(masks, maps, fpr_limit: float = 0.3) -> float | None:
     """AUPRO up to ``fpr_limit``, normalised to [0, 1] (see the module docstring)."""
     return _pixel_metrics(masks, maps, fpr_limit, with_roc_pr=False)["aupro"]

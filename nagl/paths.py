@@ -52,10 +52,9 @@ def model_file(results: str | Path, method: str, backbone: str, source: str, tra
     return model_dir(results, method, backbone, source, train_seed) / MODEL_FILE
 
 
-def job_file(results: str | Path, method: str, backbone: str, source: str, target: str,
-             train_seed: int | str | None) -> Path:
-    """The summary of one (method, source, train seed, target) evaluation job: the cells it wrote."""
-    return Path(results) / "jobs" / method / backbone / source / train_seed_part(train_seed) / f"{target}.json"
+def job_file(results: str | Path, method: str, backbone: str, source: str, train_seed: int | str | None) -> Path:
+    """The summary of one (method, source, train seed) evaluation job, over all its targets: the cells it wrote."""
+    return Path(results) / "jobs" / method / backbone / source / f"{train_seed_part(train_seed)}.json"
 
 
 def cells_dir(results: str | Path) -> Path:

@@ -30,7 +30,8 @@ import pandas as pd
 import torch
 
 from nagl.methods.base import anomaly_maps, image_scores
-from nagl.metrics import image_metrics, pixel_metrics
+from nagl.metrics import image_metrics
+from nagl.metrics import pixel_auroc as pixel_auroc_of
 from nagl.protocol import REFERENCE_CHECK_VARIANTS, ReferenceSplit, split_seed
 
 OTHER_CATEGORY, NORMAL_PSEUDO_MASK = REFERENCE_CHECK_VARIANTS
@@ -82,7 +83,7 @@ def check_row(variant: str, labels: np.ndarray, patch_map: torch.Tensor, query_m
         return None
     pixel_auroc = None
     if query_masks is not None:
-        pixel_auroc = pixel_metrics(query_masks, anomaly_maps(patch_map, resolution).numpy())["auroc"]
+        pixel_auroc = pixel_auroc_of(query_masks, anomaly_maps(patch_map, resolution).numpy())
     return {"variant": variant, "image_auroc": image_auroc, "pixel_auroc": pixel_auroc}
 
 

@@ -109,3 +109,30 @@ def test_bad_settings_are_user_errors():
     backbone = create_backbone("tiny-dinov2")
     with pytest.raises(NaglError, match="expected an RGB uint8 image"):
         backbone.preprocess(np.zeros((8, 8), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("name, kwargs", [("effnet-lite0", {"image_size": 64}), ("tiny-clip", {})])
+def test_a_described_backbone_stands_for_the_network_until_features_are_computed(name, kwargs):
+    """Evaluation reads the backbone from its features step's stamp (no timm import, no weights):
+    the description has the network's shapes, levels and cache key, and builds the network only
+    to compute features, refusing weights that changed since the description."""
+    import json
+
+    from nagl.models.backbones import DescribedBackbone, describe_backbone
+
+    backbone = create_backbone(name, **kwargs)
+    described = DescribedBackbone(json.loads(json.dumps(describe_backbone(backbone))))
+    for attribute in ("identity", "preprocessing", "grid", "dim", "levels", "level_groups", "default_slices",
+                      "embed_dim", "image_size"):
+        assert getattr(described, attribute) == getattr(backbone, attribute), attribute
+    for level in [*backbone.levels, "default"]:
+        assert described.level_shape(level) == backbone.level_shape(level)
+    assert described._network is None  # nothing above needed the network
+    image = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    x = described.preprocess(image)[None]
+    assert described._network is not None
+    assert torch.equal(described.extract_levels(x, ["default"])["default"], backbone.extract_levels(x, ["default"])["default"])
+
+    stale = DescribedBackbone({**describe_backbone(backbone), "weights_id": "0" * 16})
+    with pytest.raises(NaglError, match="weights changed"):
+        stale.preprocess(image)

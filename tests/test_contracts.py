@@ -241,7 +241,7 @@ def test_a_method_registered_from_a_test_module_runs_through_a_miniature_matrix(
     jobs = []
     for method in config.methods:
         cells = evaluate_job(config, method, "-", "mini-texture")
-        job = job_file(config.results, method, config.backbone, "-", "mini-texture", None)
+        job = job_file(config.results, method, config.backbone, "-", None)
         atomic_write_json(job, {"cells": cells})
         jobs.append(job)
     ingest_run(config.as_dict(), jobs, database(config.results))

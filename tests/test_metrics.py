@@ -9,7 +9,7 @@ from skimage.measure import label as sk_label
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from nagl.errors import NaglError
-from nagl.metrics import aupro, image_metrics, pixel_metrics
+from nagl.metrics import aupro, image_metrics, pixel_auroc, pixel_metrics
 
 
 def sklearn_f1max(labels, scores) -> float:
@@ -139,6 +139,7 @@ def test_pixel_metrics_match_sklearn_and_slow_aupro(seed, dtype):
     assert got["f1max"] == pytest.approx(sklearn_f1max(flat_labels, flat_scores), abs=1e-12)
     assert got["aupro"] == pytest.approx(slow_aupro(masks, maps.astype(np.float64), 0.3), abs=1e-10)
     assert aupro(masks, maps) == got["aupro"]
+    assert pixel_auroc(masks, maps) == got["auroc"]  # the checks' AUROC-only path: the same number
 
 
 @pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 1.0])
@@ -193,6 +194,7 @@ def test_pixel_metrics_undefined_cases_are_none():
     assert pixel_metrics(np.zeros(maps.shape, dtype=bool), maps) == none  # empty masks
     assert pixel_metrics(np.ones(maps.shape, dtype=bool), maps) == none  # no normal pixel
     assert aupro(None, maps) is None
+    assert pixel_auroc(None, maps) is None and pixel_auroc(np.zeros(maps.shape, dtype=bool), maps) is None
 
 
 def test_pixel_metrics_accept_uint8_masks_and_reject_bad_shapes():

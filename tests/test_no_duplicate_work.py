@@ -134,9 +134,9 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
                "train_seconds": 1.0, "source_datasets": ["mini-texture"], "train_seed": 0})
 
     jobs = []
-    for method, source, train_seed, target in config.evaluation_jobs():
-        job = job_file(config.results, method, config.backbone, source, target, train_seed)
-        step_evaluate(method=method, source=source, target=target, config=run_config, out=job, threads=1,
+    for (method, source, train_seed), targets in config.evaluation_groups().items():
+        job = job_file(config.results, method, config.backbone, source, train_seed)
+        step_evaluate(targets=targets, method=method, source=source, config=run_config, out=job, threads=1,
                       train_seed="-" if train_seed is None else str(train_seed))
         jobs.append(job)
     computed = [cell for job in jobs for cell in read_json(job)["computed"]]
@@ -236,3 +236,24 @@ def test_aupro_equals_the_per_threshold_definition(dtype):
     maps[0, 2:4, 3:5] = maps[1, 0, 0]  # ... and region pixels
     for limit in (0.05, 0.3, 1.0):
         assert aupro(masks, maps, limit) == pytest.approx(_aupro_per_threshold(masks, maps, limit), abs=1e-12)
+
+
+def test_shared_normal_side_gives_the_maps_each_method_computes_alone():
+    """Evaluation computes the normal-side work of a split once (Method.normal_side), for every
+    k_normal, and hands each batch its part, for the clean cell and its reference-use checks:
+    the maps equal those the method computes alone."""
+    generator = torch.Generator().manual_seed(5)
+    query, normal, abnormal = _features(generator, 11), _features(generator, 4), _features(generator, 1)
+    masks = torch.zeros((1, 30, 30), dtype=torch.bool)
+    masks[0, 5:15, 5:15] = True
+    for name in ("nagl", "knn-naive", "knn-normal"):
+        method = _method(name)
+        sides = method.normal_side(query, normal, [1, 2, 4])
+        for k in (1, 2, 4):
+            references = abnormal if method.uses_abnormal_refs else None
+            alone = method.score(query, normal[:k], references, masks if references is not None else None, GRID)
+            for begin in (0, 8):  # a full batch and the last, partial one
+                shared = method.score(query[begin:begin + 8], normal[:k], references,
+                                      masks if references is not None else None, GRID,
+                                      normal_side=sides[k].rows(begin, begin + 8))
+                assert torch.allclose(shared, alone[begin:begin + 8], atol=1e-6), (name, k, begin)

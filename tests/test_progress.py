@@ -98,10 +98,10 @@ def test_nagl_run_without_a_terminal_prints_progress_lines_and_names_the_failed_
     lines = [line for line in done.stderr.splitlines() if line.startswith("[progress]")]
     first = next(line for line in done.stderr.splitlines() if " jobs to run: " in line)
     total = int(re.match(r"(\d+) jobs to run: ", first).group(1))
-    assert "evaluate 2" in first and "extract_features 2" in first
+    assert "evaluate 1" in first and "extract_features 2" in first  # one evaluation job over both targets
     counts = [int(re.match(r"\[progress\] (\d+)/(\d+) jobs done", line).group(1)) for line in lines]
     assert counts == sorted(counts) and counts[-1] == total and len(lines) >= total - 1
-    assert "evaluate 2/2" in lines[-1] and "left" not in lines[-1]
+    assert "evaluate 1/1" in lines[-1] and "left" not in lines[-1]
     assert "Select jobs to execute" not in done.stderr  # Snakemake's raw log is not shown ...
     logs = sorted((root / "results" / "logs").glob("snakemake-*.log"))
     assert logs and any("Select jobs to execute" in p.read_text() for p in logs)  # ... but kept

@@ -186,7 +186,7 @@ def test_train_seed_column_and_one_model_per_training_seed(prepared):
     for method, source, train_seed in (("nagl", "seed-source", 0), ("nagl", "seed-source", 1),
                                        ("knn-normal", "-", None)):
         cells = evaluate_job(config, method, source, "seed-target", train_seed)
-        job = paths.job_file(config.results, method, config.backbone, source, "seed-target", train_seed)
+        job = paths.job_file(config.results, method, config.backbone, source, train_seed)
         atomic_write_json(job, {"cells": cells})
         jobs.append(job)
     with pytest.raises(NaglError, match="training seed"):

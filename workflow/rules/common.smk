@@ -44,8 +44,8 @@ def model_pattern(method="{method}", source="{source}", train_seed="{train_seed}
     return str(paths.model_file(RESULTS, method, BACKBONE, source, train_seed))
 
 
-def job_pattern(method="{method}", source="{source}", target="{target}", train_seed="{train_seed}"):
-    return str(paths.job_file(RESULTS, method, BACKBONE, source, target, train_seed))
+def job_pattern(method="{method}", source="{source}", train_seed="{train_seed}"):
+    return str(paths.job_file(RESULTS, method, BACKBONE, source, train_seed))
 
 
 def log_pattern(step, name):
@@ -57,10 +57,17 @@ def benchmark_pattern(rule, name):
 
 
 # Input functions.
+def evaluation_targets(wildcards):
+    """The targets of one evaluation job (method, source, training seed)."""
+    seed = None if wildcards.train_seed == "-" else int(wildcards.train_seed)
+    return RUN.evaluation_groups()[(wildcards.method, wildcards.source, seed)]
+
+
 def evaluate_inputs(wildcards):
+    targets = evaluation_targets(wildcards)
     inputs = {
-        "manifest": manifest_pattern(wildcards.target),
-        "features": feature_stamp_pattern(wildcards.target),
+        "manifests": [manifest_pattern(target) for target in targets],
+        "features": [feature_stamp_pattern(target) for target in targets],
     }
     if wildcards.source != "-":
         inputs["model"] = model_pattern(wildcards.method, wildcards.source, wildcards.train_seed)
@@ -73,12 +80,11 @@ def train_inputs(wildcards):
 
 
 def evaluation_jobs():
-    """One evaluation job per (method, source, training seed, target) (RunConfig.evaluation_jobs:
-    training-free methods have the source '-' and no training seed; a union source is evaluated
-    only on the targets it leaves out). The evaluator reads the same list to find which job
-    computes an alias's cell."""
-    return [job_pattern(method, source, target, train_seed)
-            for method, source, train_seed, target in RUN.evaluation_jobs()]
+    """One evaluation job per (method, source, training seed), over its targets
+    (RunConfig.evaluation_groups: training-free methods have the source '-' and no training
+    seed; a union source is evaluated only on the targets it leaves out). The evaluator reads
+    RunConfig.evaluation_jobs to find which job computes an alias's cell."""
+    return [job_pattern(method, source, train_seed) for method, source, train_seed in RUN.evaluation_groups()]
 
 
 def run_manifests():

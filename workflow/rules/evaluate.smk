@@ -1,6 +1,7 @@
-# One job per (method, source, training seed, target): every category x shot
-# setting x seed of the target. Each cell is written to its own folder (run.json last), so a job
-# that is interrupted resumes without recomputing finished cells.
+# One job per (method, source, training seed), over its targets: every target x category x
+# shot setting x seed (RunConfig.evaluation_groups), so a process's start-up is paid once for
+# all of them. Each cell is written to its own folder (run.json last), so a job that is
+# interrupted resumes without recomputing finished cells.
 
 
 rule evaluate:
@@ -9,16 +10,17 @@ rule evaluate:
     output:
         job_pattern(),
     params:
+        targets=evaluation_targets,
         shots=RUN.as_dict()["shots"],
         seeds=list(RUN.seeds),
         eval_resolution=RUN.eval_resolution,
     threads: 1
     log:
-        log_pattern("evaluate", "{method}-{source}-{train_seed}-{target}"),
+        log_pattern("evaluate", "{method}-{source}-{train_seed}"),
     benchmark:
-        benchmark_pattern("evaluate", "{method}-{source}-{train_seed}-{target}"),
+        benchmark_pattern("evaluate", "{method}-{source}-{train_seed}"),
     shell:
         "{PY} -m nagl step evaluate --method {wildcards.method} --source {wildcards.source} "
         "--train-seed {wildcards.train_seed} "
-        "--target {wildcards.target} --config {RUN_CONFIG} --threads {threads} --out {output} "
+        "{params.targets:q} --config {RUN_CONFIG} --threads {threads} --out {output} "
         "> {log} 2>&1"

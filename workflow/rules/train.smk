@@ -13,7 +13,7 @@ rule train:
         training={"profile": RUN.training.profile},
         image_size=RUN.image_size,
         k_normal=list(RUN.shots.k_normal),
-    threads: 2
+    threads: 2  # not two 1-thread trainings side by side: 1.8 GB each, over a laptop's 4 GB budget
     log:
         log_pattern("train", "{method}-{source}-{train_seed}"),
     benchmark:
