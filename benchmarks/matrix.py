@@ -13,7 +13,7 @@ minor page faults, each exact from wait4(2) (every job runs under
 workflow/scripts/jobtime.py), and the ratio of a stage to its floor:
 
 - features: backbone passes / the backbone's measured batch throughput (random
-  preprocessed batches of 16, the rule's torch threads: 1);
+  preprocessed batches of 16, the rule's 2 torch threads);
 - train: the optimiser steps alone (forward loss, backward, step: every
   ``loss.backward()`` to its ``optimiser.step()``, plus the loss), timed in-process on a
   rerun of each training with the same config;
@@ -95,7 +95,7 @@ def startup_seconds(env: dict) -> tuple[float, float]:
     return best
 
 
-def backbone_images_per_second(config: dict, threads: int = 1, batch: int = 16) -> float:
+def backbone_images_per_second(config: dict, threads: int = 2, batch: int = 16) -> float:
     """Forward throughput of the run's backbone on preprocessed random batches (after a warm-up)."""
     import numpy as np
     import torch
@@ -268,7 +268,7 @@ def main() -> None:
     print(f"images in the datasets:     {images}")
     print(f"backbone passes:            {computed} ({computed / images:.2f} per image; "
           f"{cached} feature files in the cache)")
-    print(f"backbone throughput:        {throughput:.1f} images/s (batch 16, 1 thread, as the features rule)")
+    print(f"backbone throughput:        {throughput:.1f} images/s (batch 16, 2 threads, as the features rule)")
     print(f"evaluation floor:           {score_seconds:.1f} s scoring the computed cells + {check_seconds:.1f} s "
           "scoring their reference-use checks")
     print()

@@ -8,7 +8,6 @@ rule prepare_dataset:
         manifest_pattern(),
     resources:
         dvc=1,  # DVC commands never run at the same time
-    priority: 20  # datasets and features first: every evaluation job waits for all its targets
     log:
         log_pattern("prepare", "{dataset}"),
     benchmark:

@@ -10,8 +10,7 @@ rule extract_features:
         feature_stamp_pattern(),
     params:
         image_size=RUN.image_size,
-    threads: 1  # one core each: a features job runs beside a training or another dataset step
-    priority: 10
+    threads: 2
     log:
         log_pattern("features", "{dataset}"),
     benchmark:
