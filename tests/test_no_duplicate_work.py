@@ -11,7 +11,7 @@ import torch
 
 from nagl.config import validate_config
 from nagl.methods import create_method
-from nagl.methods.base import nested_normal_scores, normal_scores
+from nagl.methods.base import nested_normal_side, normal_scores
 from nagl.metrics import aupro, pixel_metrics
 from nagl.results.aliases import NORMAL_ONLY_WITHOUT_ABNORMAL, canonical_cells, is_normal_knn_cell
 
@@ -38,7 +38,7 @@ def _method(name: str):
 def test_nested_shots_share_one_search_with_identical_numbers():
     generator = torch.Generator().manual_seed(0)
     query, normal = _features(generator, 11), _features(generator, 4)  # 11: a last, partial chunk
-    shared = nested_normal_scores(query, normal, [1, 2, 4], chunk=8)
+    shared = {k: side.s_n for k, side in nested_normal_side(query, normal, [1, 2, 4], chunk=8).items()}
     for k in (1, 2, 4):
         direct = normal_scores(query, normal[:k].reshape(-1, DIM), chunk=8)
         assert torch.equal(shared[k], direct)
@@ -56,7 +56,7 @@ def test_every_aliased_method_computes_the_canonical_map(method):
     query, normal, abnormal = _features(generator, 9), _features(generator, 2), _features(generator, 1)
     masks = torch.zeros(1, 24, 24, dtype=torch.bool)
     masks[0, 4:12, 6:14] = True
-    canonical = 1.0 - nested_normal_scores(query, normal, [2], chunk=8)[2].reshape(-1, *GRID)
+    canonical = 1.0 - nested_normal_side(query, normal, [2], chunk=8)[2].s_n.reshape(-1, *GRID)
     scorer = _method(method)
     with torch.no_grad():
         plain = scorer.score(query, normal, abnormal[:0], masks[:0], GRID)

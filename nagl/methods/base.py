@@ -186,12 +186,6 @@ def nested_normal_side(query: torch.Tensor, normal: torch.Tensor, shots: Sequenc
     return out
 
 
-def nested_normal_scores(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int],
-                         chunk: int = 8) -> dict[int, torch.Tensor]:
-    """``s_n`` ``(Q, G)`` for each ``k`` of ``shots`` (:func:`nested_normal_side` without residuals)."""
-    return {k: side.s_n for k, side in nested_normal_side(query, normal, shots, chunk).items()}
-
-
 # -------------------------------------------------------------- references --
 
 @dataclass
@@ -367,11 +361,10 @@ def score_batch(method: Method, query, normal, abnormal, masks, grid,
     selection score them: ``grid`` is the default grid ``(h, w)`` for a single-grid method, or
     ``{level: (h, w)}`` for a multi-level one, which also gets the category. ``normal_side``: the
     batch's part of what :meth:`Method.normal_side` computed for these queries and normal references."""
-    if normal_side is not None:
-        return method.score(query, normal, abnormal, masks, grid, normal_side=normal_side), None
+    shared = {} if normal_side is None else {"normal_side": normal_side}
     if method.level_group is None:
-        return method.score(query, normal, abnormal, masks, grid), None
-    out = method.score(query, normal, abnormal, masks, grid, category=category)
+        return method.score(query, normal, abnormal, masks, grid, **shared), None
+    out = method.score(query, normal, abnormal, masks, grid, category=category, **shared)
     return out if isinstance(out, tuple) else (out, None)
 
 
