@@ -11,7 +11,7 @@ import torch
 from nagl.errors import NaglError
 from nagl.methods import load_method
 from nagl.methods.flow import ConditionalFlow, CouplingBlock, random_rotation, sincos_position_code
-from nagl.methods.resad import ResadMethod, nearest_residual
+from nagl.methods.resad import ResadMethod, nearest_residual, nearest_residuals
 from nagl.training.schedule import Schedule
 
 LEVELS = {"fine": [8, 8, 6], "mid": [4, 4, 10], "coarse": [2, 2, 12]}
@@ -151,6 +151,29 @@ def test_residual_is_to_the_nearest_reference_patch_by_l2_or_cosine():
     assert torch.allclose(nearest_residual(query, bank, "l2"), torch.tensor([[[-4.0, -1.0]]]))
     assert torch.allclose(nearest_residual(query, bank, "cosine"), torch.tensor([[[5.0, 0.0]]]))
     assert torch.allclose(nearest_residual(query, bank, "l2", "squared"), torch.tensor([[[16.0, 1.0]]]))
+
+
+def test_nested_reference_counts_share_one_search_bit_for_bit():
+    """One search of the 4-reference bank gives the 1-, 2- and 4-shot residuals exactly as a search of
+    each smaller bank alone, and scoring with that shared normal side gives the same maps."""
+    torch.manual_seed(0)
+    query, normal = torch.randn(3, 20, 6), torch.randn(4, 20, 6)
+    for match in ("l2", "cosine"):
+        shared = nearest_residuals(query, normal.reshape(-1, 6), [1, 2, 4], match)
+        for k in (1, 2, 4):
+            assert torch.equal(shared[k], nearest_residual(query, normal[:k].reshape(-1, 6), match)), (match, k)
+    # the nearest of 4 references is found, not the nearest of the first one
+    l2 = nearest_residuals(query, normal.reshape(-1, 6), [4], "l2")[4]
+    brute = torch.cdist(query.reshape(-1, 6), normal.reshape(-1, 6)).argmin(dim=1)
+    assert torch.allclose(l2.reshape(-1, 6), query.reshape(-1, 6) - normal.reshape(-1, 6)[brute], atol=1e-6)
+    method = small_method()
+    perturbed(method.head)
+    queries, references = level_features(5, 1), level_features(4, 2)
+    sides = method.normal_side(queries, references, [1, 2, 4])
+    for k in (1, 2, 4):
+        alone = method.score(queries, {n: f[:k] for n, f in references.items()})
+        together = method.score(queries, {n: f[:k] for n, f in references.items()}, normal_side=sides[k])
+        assert torch.equal(together, alone), k
 
 
 def test_a_batch_scores_as_its_items_one_by_one():

@@ -155,14 +155,20 @@ def normal_scores(query: torch.Tensor, bank: torch.Tensor, chunk: int = 8) -> to
 class NormalSide:
     """What scoring queries against one normal bank needs whatever the abnormal references:
     ``s_n`` ``(Q, G)`` and, when asked for, each patch's residual to its nearest normal
-    patch ``(Q, G, C)``. Computed once per (split, k_normal) and shared by the clean cell
-    and its reference-use checks; :meth:`rows` gives a batch's part."""
+    patch ``(Q, G, C)`` (a multi-level method: ``{level: (Q, G_l, C_l)}``, and ``s_n`` may be
+    None). Computed once per (split, k_normal) and shared by the clean cell and its
+    reference-use checks; :meth:`rows` gives a batch's part."""
 
-    s_n: torch.Tensor
-    residual: torch.Tensor | None = None
+    s_n: torch.Tensor | None = None
+    residual: torch.Tensor | dict[str, torch.Tensor] | None = None
 
     def rows(self, begin: int, end: int) -> NormalSide:
-        return NormalSide(self.s_n[begin:end], None if self.residual is None else self.residual[begin:end])
+        residual = self.residual
+        if isinstance(residual, dict):
+            residual = {name: value[begin:end] for name, value in residual.items()}
+        elif residual is not None:
+            residual = residual[begin:end]
+        return NormalSide(None if self.s_n is None else self.s_n[begin:end], residual)
 
 
 def nested_normal_side(query: torch.Tensor, normal: torch.Tensor, shots: Sequence[int], chunk: int = 8,

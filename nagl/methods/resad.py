@@ -32,7 +32,7 @@ from torch import nn
 
 from nagl.errors import NaglError
 from nagl.io import stable_hash
-from nagl.methods.base import MaskInput, TrainableMethod
+from nagl.methods.base import MaskInput, NormalSide, TrainableMethod
 from nagl.methods.flow import ConditionalFlow, sincos_position_code
 from nagl.methods.registry import register_method
 from nagl.training.batch import BatchSpec, EpisodeBatch
@@ -47,8 +47,9 @@ OCC_FORMS = ("sqrt-norm", "pseudo-huber")
 # training profile; None (the paper, and any profile not named) uses them all.
 FLOW_VECTORS_PER_PROFILE: dict[str, int | None] = {"embedded": 2048, "smoke": 512}
 
-# Query patches matched against a reference bank at once: rows x bank entries <= this.
-_MATCH_BLOCK = 1 << 24
+# Query patch rows matched against one reference at a time: a block of (rows x G) scores,
+# reused, small enough to stay in cache (a whole bank at once was 4x slower on CPU).
+_MATCH_ROWS = 1024
 
 
 def level_order(levels: dict[str, Sequence[int]]) -> list[str]:
@@ -56,32 +57,56 @@ def level_order(levels: dict[str, Sequence[int]]) -> list[str]:
     return sorted(levels, key=lambda name: (-int(levels[name][0]) * int(levels[name][1]), name))
 
 
+def nearest_residuals(query: torch.Tensor, bank: torch.Tensor, prefixes: Sequence[int], match: str = "l2",
+                      residual: str = "diff") -> dict[int, torch.Tensor]:
+    """Residual of every query patch ``(n, G, C)`` to its nearest patch among the first ``p``
+    blocks of ``G`` bank rows ``(M, C)`` (one normal reference per block), for each ``p`` of
+    ``prefixes``, from one search.
+
+    Each block is searched on its own, the same way whatever the bank's size, and the best
+    block is taken over a prefix, so the first ``k`` references of a larger bank give the
+    ``k``-shot answer bit for bit (the nested shot settings of one split share one search).
+    ``match = l2``: nearest by Euclidean distance; ``cosine``: by cosine similarity.
+    ``residual = diff``: ``f - p``; ``squared``: ``(f - p)^2``.
+    """
+    g, c = query.shape[1], query.shape[-1]
+    blocks = -(-bank.shape[0] // g)
+    if not prefixes or min(prefixes) < 1 or max(prefixes) > blocks:
+        raise NaglError(f"reference counts {list(prefixes)} must lie in 1..{blocks} (the references in the bank)")
+    flat = query.reshape(-1, c)
+    if match == "l2":  # the nearest p maximises 2 f.p - |p|^2
+        rows_of, keys_of, offset = flat, bank, -(bank * bank).sum(dim=1)
+    else:
+        rows_of, keys_of, offset = F.normalize(flat, dim=-1), F.normalize(bank, dim=-1), None
+    used = max(prefixes)
+    best = torch.empty((flat.shape[0], used), dtype=flat.dtype)
+    where = torch.empty((flat.shape[0], used), dtype=torch.long)
+    scratch = torch.empty((min(_MATCH_ROWS, flat.shape[0]), g), dtype=flat.dtype)
+    for j in range(used):
+        keys = keys_of[j * g:(j + 1) * g].T.contiguous()
+        for begin in range(0, flat.shape[0], _MATCH_ROWS):
+            rows = rows_of[begin:begin + _MATCH_ROWS]
+            block = scratch[:rows.shape[0], :keys.shape[1]]
+            if offset is None:
+                torch.mm(rows, keys, out=block)
+            else:
+                torch.addmm(offset[None, j * g:(j + 1) * g], rows, keys, alpha=2.0, out=block)
+            value, index = block.max(dim=1)
+            best[begin:begin + _MATCH_ROWS, j] = value
+            where[begin:begin + _MATCH_ROWS, j] = index + j * g
+    _, winner = best.cummax(dim=1)
+    out = {}
+    for p in prefixes:
+        diff = flat - bank[where.gather(1, winner[:, p - 1:p])[:, 0]]
+        out[p] = (diff * diff if residual == "squared" else diff).reshape(query.shape)
+    return out
+
+
 def nearest_residual(query: torch.Tensor, bank: torch.Tensor, match: str = "l2",
                      residual: str = "diff") -> torch.Tensor:
-    """Residual of every query patch ``(n, G, C)`` to its nearest bank patch ``(M, C)``.
-
-    ``match = l2``: nearest by Euclidean distance; ``cosine``: by cosine similarity.
-    ``residual = diff``: ``f - p``; ``squared``: ``(f - p)^2``. Computed in blocks of rows.
-    """
-    flat = query.reshape(-1, query.shape[-1])
-    if match == "l2":
-        keys, rows_of = bank.T, flat
-        offset = (bank * bank).sum(dim=1)  # |p|^2; argmin of |p|^2 - 2 f.p is the nearest p
-    else:
-        keys, rows_of = F.normalize(bank, dim=-1).T, F.normalize(flat, dim=-1)
-        offset = None
-    step = max(1, _MATCH_BLOCK // max(1, bank.shape[0]))
-    index = torch.empty(flat.shape[0], dtype=torch.long)
-    for begin in range(0, flat.shape[0], step):
-        rows = rows_of[begin:begin + step]
-        if offset is None:
-            index[begin:begin + step] = (rows @ keys).argmax(dim=1)
-        else:
-            index[begin:begin + step] = torch.addmm(offset[None], rows, keys, alpha=-2.0).argmin(dim=1)
-    diff = flat - bank[index]
-    if residual == "squared":
-        diff = diff * diff
-    return diff.reshape(query.shape)
+    """Residual of every query patch ``(n, G, C)`` to its nearest patch of the whole bank ``(M, C)``."""
+    blocks = -(-bank.shape[0] // query.shape[1])
+    return nearest_residuals(query, bank, [blocks], match, residual)[blocks]
 
 
 class Constraintor(nn.Module):
@@ -228,6 +253,19 @@ class ResadMethod(TrainableMethod):
     def _residuals(self, query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         return nearest_residual(query.float(), bank.float(), self.config["match"], self.config["residual"])
 
+    def normal_side(self, query: dict[str, torch.Tensor], normal: dict[str, torch.Tensor],
+                    shots: Sequence[int]) -> dict[int, NormalSide]:
+        """Each level's query residuals to the first ``k`` normal references, for each ``k`` of
+        ``shots``, from one search of the largest bank (:func:`nearest_residuals`): all of ResAD's
+        work that depends on the references. ``NormalSide.residual`` is ``{level: (Q, G_l, C_l)}``."""
+        self._check(query, "query")
+        self._check(normal, "normal")
+        per_level = {name: nearest_residuals(query[name].float(),
+                                             normal[name][:max(shots)].reshape(-1, self.widths[name]).float(),
+                                             shots, self.config["match"], self.config["residual"])
+                     for name in self.levels}
+        return {k: NormalSide(residual={name: per_level[name][k] for name in self.levels}) for k in shots}
+
     def _constrained(self, level: int, residual: torch.Tensor) -> torch.Tensor:
         """``phi_l`` of residuals ``(B, G, C)`` -> ``(B, G, C)``."""
         name = self.levels[level]
@@ -262,8 +300,12 @@ class ResadMethod(TrainableMethod):
     def score(self, query: dict[str, torch.Tensor], normal: dict[str, torch.Tensor] | None = None,
               abnormal: dict[str, torch.Tensor] | None = None, abnormal_masks: MaskInput = None,
               grid: dict[str, Sequence[int]] | None = None, *, category: str | None = None,
-              chunk: int = 8) -> torch.Tensor:
-        """Patch maps ``S = -N`` ``(Q, h, w)`` on the finest level's grid. Abnormal references are not used."""
+              chunk: int = 1, normal_side: NormalSide | None = None) -> torch.Tensor:
+        """Patch maps ``S = -N`` ``(Q, h, w)`` on the finest level's grid. Abnormal references are not used.
+
+        ``normal_side``: these queries' residuals from :meth:`normal_side`. Queries go through the
+        flows ``chunk`` at a time: one query's finest map (4,096 vectors on effnet-lite0) keeps
+        the coupling blocks' activations in cache, twice as fast on CPU as 8 at once."""
         self._check(query, "query", grid)
         self._check(normal, "normal", grid)
         if normal is None or normal[self.levels[0]].shape[0] == 0:
@@ -273,8 +315,11 @@ class ResadMethod(TrainableMethod):
         count = query[self.levels[0]].shape[0]
         maps = []
         for begin in range(0, count, chunk):
-            residuals = [self._residuals(query[name][begin:begin + chunk], bank)
-                         for name, bank in zip(self.levels, banks, strict=True)]
+            if normal_side is None:
+                residuals = [self._residuals(query[name][begin:begin + chunk], bank)
+                             for name, bank in zip(self.levels, banks, strict=True)]
+            else:
+                residuals = [normal_side.residual[name][begin:begin + chunk] for name in self.levels]
             maps.append(-self._normality(self._level_likelihoods(residuals)))
         return torch.cat(maps) if maps else query[self.levels[0]].new_zeros((0, *self.output_grid))
 
