@@ -91,7 +91,7 @@ def set_scores(method: TrainableMethod, detection_set: DetectionSet, store: Feat
     masks = (torch.stack([store.mask(r) for r in abnormal_rows])
              if store.mask_size is not None and abnormal_rows else None)
     side = None
-    if not multi and detection_set.normal:
+    if detection_set.normal:
         if normal_sides is not None and detection_set in normal_sides:
             side = normal_sides[detection_set]
         else:
