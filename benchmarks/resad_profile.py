@@ -40,13 +40,12 @@ CANDIDATES = [(1e-3, 10), (1e-4, 10), (1e-3, 20), (1e-4, 20), (1e-3, 1)]
 VAL_FRACTION = 0.2
 
 
-def held_out_auroc(result, manifest, folder, backbone, cache, seed: int, references: int) -> float:
+def held_out_auroc(result, manifest, folder, backbone, cache, levels, seed: int, references: int) -> float:
     model = result.method
     spec = model.batch_spec(result.schedule.normal_shots, result.schedule.abnormal_shots)
     spec = dataclasses.replace(spec, normal_shots=(1, 2, 4))
     train_pool, val_pool, _ = split_source(manifest, spec, VAL_FRACTION, seed, folder.name)
     sets = detection_sets(train_pool, val_pool, spec, references, seed)
-    levels = method_class("resad").feature_levels(backbone)
     store = FeatureStore(manifest, folder, cache.load, backbone.grid, level_lookup=cache.load_levels,
                          level_names=levels)
     return detection_auroc(model, sets, store)
@@ -72,7 +71,7 @@ def main(sources: str = SOURCES, seed: int = 0, references: int = 4, threads: in
                                      profile="embedded", seed=seed, grid=backbone.grid, overrides=overrides,
                                      progress=False, extractor=backbone, level_lookup=cache.load_levels)
             trained = time.perf_counter() - start
-            auroc = held_out_auroc(result, manifest, folder, backbone, cache, seed, references)
+            auroc = held_out_auroc(result, manifest, folder, backbone, cache, levels, seed, references)
             row = {"source": source, "seed": seed, "lr": lr, "epochs": epochs, "heldout_auroc": auroc,
                    "train_seconds": trained, "score_seconds": time.perf_counter() - start - trained}
             rows.append(row)
