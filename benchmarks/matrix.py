@@ -25,7 +25,7 @@ workflow/scripts/jobtime.py), and the ratio of a stage to its floor:
 Per-job start-up: a fresh interpreter importing the CLI and nagl.evaluate (the
 imports an evaluation job pays before its work), best of 3, times the jobs.
 
-    .venv/bin/python benchmarks/matrix.py [--config config/config.yaml] [--registry FILE] [--cores 2] [--keep]
+    .venv/bin/python benchmarks/matrix.py [--config config/config.yaml] [--registry FILE] [--cores 2] [--keep] [--no-train-floor]
 """
 
 from __future__ import annotations
@@ -218,6 +218,9 @@ def main() -> None:
     parser.add_argument("--registry", help="a dataset registry to use instead of config/datasets.yaml")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the temporary project")
+    parser.add_argument("--no-train-floor", action="store_true",
+                        help="skip the training floor (it retrains every checkpoint in-process: hours for "
+                             "config/full.yaml)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="nagl-matrix-"))
@@ -256,8 +259,9 @@ def main() -> None:
 
     os.environ.update(env)  # the in-process measurements read this project's datasets and cache
     throughput = backbone_images_per_second(config)
-    floors = {"features": computed / throughput, "evaluate": score_seconds + check_seconds,
-              "train": training_step_seconds(config, root / "floor-models")}
+    floors = {"features": computed / throughput, "evaluate": score_seconds + check_seconds}
+    if not args.no_train_floor:
+        floors["train"] = training_step_seconds(config, root / "floor-models")
     startup = startup_seconds(env)
 
     print(f"config:                     {args.config} ({args.cores} cores)")
