@@ -3,7 +3,7 @@
 # workflow's SLURM profile (workflow/profiles/slurm). Needs root and apt-get.
 #
 #   scripts/slurm-local.sh start    install (when missing), configure and start munged, slurmctld, slurmd
-#   scripts/slurm-local.sh stop     stop the three daemons this script started
+#   scripts/slurm-local.sh stop     stop the three daemons this script started, remove the config it wrote
 #   scripts/slurm-local.sh status   sinfo, or exit 1 when the cluster is not up
 # Exit status 3: SLURM is missing and could not be installed.
 #
@@ -27,6 +27,8 @@ LOG_DIR=/var/log/slurm
 JOBCOMP=${SLURM_LOCAL_JOBCOMP:-$LOG_DIR/jobcomp.log}
 PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client)
 
+MARK="# Written by scripts/slurm-local.sh"
+
 die() { echo "slurm-local: $*" >&2; exit 1; }
 # Exit status 3: SLURM is not installed and cannot be (the test suite skips on it).
 cannot_install() { echo "slurm-local: $*" >&2; exit 3; }
@@ -46,8 +48,13 @@ gpu_count() {
     if [ -e "${devices[0]}" ]; then echo "${#devices[@]}"; else echo 0; fi
 }
 
+# A slurm.conf this script did not write belongs to a real cluster: never overwrite or remove it.
+ours() { [ ! -e "$1" ] || head -1 "$1" | grep -qF "$MARK"; }
+
 write_config() {
     local host node gpus
+    ours "$CONF_DIR/slurm.conf" || die "$CONF_DIR/slurm.conf was not written by this script (a real cluster's?); \
+move it aside to try the one-node cluster"
     host=$(hostname -s)
     # "NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105"
     node=$(slurmd -C | head -1)
@@ -55,14 +62,14 @@ write_config() {
     gpus=$(gpu_count)
     mkdir -p "$CONF_DIR" "$STATE_DIR/ctld" "$STATE_DIR/d" "$LOG_DIR"
     if [ "$gpus" -gt 0 ]; then
-        printf 'NodeName=%s Name=gpu File=/dev/nvidia[0-%d]\n' "$host" "$((gpus - 1))" >"$CONF_DIR/gres.conf"
+        printf '%s\nNodeName=%s Name=gpu File=/dev/nvidia[0-%d]\n' "$MARK" "$host" "$((gpus - 1))" >"$CONF_DIR/gres.conf"
     else
         gpus=1
         # slurmd ignores a count-only gpu; /dev/null stands in for the device file.
-        printf 'NodeName=%s Name=gpu File=/dev/null\n' "$host" >"$CONF_DIR/gres.conf"
+        printf '%s\nNodeName=%s Name=gpu File=/dev/null\n' "$MARK" "$host" >"$CONF_DIR/gres.conf"
     fi
     cat >"$CONF_DIR/slurm.conf" <<EOF
-# Written by scripts/slurm-local.sh: a one-node cluster on this host.
+$MARK: a one-node cluster on this host.
 ClusterName=nagl-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -154,6 +161,11 @@ stop() {
     stop_daemon slurmd "$STATE_DIR/slurmd.pid"
     stop_daemon slurmctld "$STATE_DIR/slurmctld.pid"
     stop_daemon munged "$STATE_DIR/munged.pid"
+    # Left behind, a config naming a stopped controller makes every SLURM client call wait for it
+    # (`scontrol show config` about 9 s), and Snakemake's SLURM plugin calls one whenever it is imported.
+    if [ -e "$CONF_DIR/slurm.conf" ] && ours "$CONF_DIR/slurm.conf"; then
+        rm -f "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
+    fi
 }
 
 case "${1:-}" in
