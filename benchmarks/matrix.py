@@ -253,8 +253,7 @@ def main() -> None:
     # method forwards on cached features too, recorded per job (not in any cell's time).
     check_seconds = sum(json.loads(p.read_text()).get("check_score_seconds", 0.0)
                         for p in (root / config.results / "jobs").rglob("*.json"))
-    computed = sum(json.loads(p.read_text())["computed"]
-                   for p in (root / paths.feature_stamp(config.results, config.backbone, "-")).parent.glob("*.json"))
+    computed = json.loads((root / paths.features_job(config.results, config.backbone)).read_text())["computed"]
     cached = sum(1 for _ in (root / ".cache" / "nagl" / "features").rglob("*.npy"))
 
     os.environ.update(env)  # the in-process measurements read this project's datasets and cache

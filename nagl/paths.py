@@ -7,6 +7,7 @@ arguments. ``results`` is the run's results folder (the config's ``results``).
 for a training-free method (as its source is ``-``).
 
     <results>/features/<backbone>/<dataset>.json            feature stamp
+    <results>/features/<backbone>.json                      the features job's summary
     <results>/models/<method>/<backbone>/<source>/<train seed>/     model folder (model.json)
     <results>/jobs/<method>/<backbone>/<source>/<train seed>/<target>.json  job file
     <results>/cells/<method>/<backbone>/<source>/<train seed>/<target>/<category>/n<k>a<k>s<seed>/
@@ -34,6 +35,11 @@ def dataset_manifest(dataset: str, datasets: str | Path = "datasets") -> Path:
 def feature_stamp(results: str | Path, backbone: str, dataset: str) -> Path:
     """Written when every image of ``dataset`` has features of ``backbone`` in the cache."""
     return Path(results) / "features" / backbone / f"{dataset}.json"
+
+
+def features_job(results: str | Path, backbone: str) -> Path:
+    """What the one features job of a run computed (images, backbone passes, seconds); read by no rule."""
+    return Path(results) / "features" / f"{backbone}.json"
 
 
 NO_TRAIN_SEED = "-"  # the train-seed folder of a training-free method

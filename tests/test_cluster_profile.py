@@ -19,9 +19,9 @@ def test_slurm_profile_dry_run_plans_gpu_jobs(project):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", output, flags=re.M))
-    # paper.yaml: 5 datasets, nagl trained on 2 sources x 3 training seeds; nagl 2x3x5 + 2 training-free x 5
+    # paper.yaml: 5 datasets (one features job for all), nagl trained on 2 sources x 3 training seeds; nagl 2x3x5 + 2 training-free x 5
     # evaluations, in one job per (method, source, training seed): 2x3 + 2.
-    assert counts["prepare_dataset"] == "5" and counts["extract_features"] == "5"
+    assert counts["prepare_dataset"] == "5" and counts["extract_features"] == "1"
     assert counts["train"] == "6" and counts["evaluate"] == "8" and counts["ingest"] == "1"
     blocks = output.split("\nrule ")
     for rule in ("train", "evaluate", "extract_features"):

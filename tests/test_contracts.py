@@ -220,7 +220,7 @@ def test_a_method_registered_from_a_test_module_runs_through_a_miniature_matrix(
     from nagl.data.prepare import prepare_dataset
     from nagl.evaluate import evaluate_job
     from nagl.io import atomic_write_json
-    from nagl.paths import database, feature_stamp, job_file
+    from nagl.paths import database, features_job, job_file
     from nagl.results.ingest import ingest_run
 
     root = project(MINI_REGISTRY)
@@ -236,8 +236,7 @@ def test_a_method_registered_from_a_test_module_runs_through_a_miniature_matrix(
 
     prepare_dataset("mini-texture", version=False)
     run_config = write_effective_config(config)
-    step_features("mini-texture", config=run_config, out=feature_stamp(config.results, config.backbone,
-                                                                       "mini-texture"), threads=1)
+    step_features(["mini-texture"], config=run_config, out=features_job(config.results, config.backbone), threads=1)
     jobs = []
     for method in config.methods:
         cells = evaluate_job(config, method, "-", "mini-texture")

@@ -380,11 +380,12 @@ def _evaluate(config, method, source="-"):
 
 def test_features_step_caches_the_union_of_the_methods_levels(mini):
     from nagl.cli.run import step_features
-    from nagl.paths import feature_stamp
+    from nagl.paths import feature_stamp, features_job
 
     config = _config(["knn-normal", "toy-pyramid", "toy-patch"])
     stamp = feature_stamp(config.results, config.backbone, "lv-target")
-    step_features("lv-target", config=write_effective_config(config), out=stamp, threads=1)
+    step_features(["lv-target"], config=write_effective_config(config),
+                  out=features_job(config.results, config.backbone), threads=1)
     assert json.loads(Path(stamp).read_text())["levels"] == [
         "stride4", "stride8", "stride16", "embed", "grid-fine", "grid-coarse"]
     from nagl.evaluate import feature_cache

@@ -111,7 +111,7 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
     from nagl.io import read_json
     from nagl.methods.base import anomaly_maps, image_scores
     from nagl.metrics import image_metrics
-    from nagl.paths import database, feature_stamp, job_file, model_dir
+    from nagl.paths import database, features_job, job_file, model_dir
     from nagl.protocol import draw_reference_split
     from nagl.results.ingest import ingest_run
 
@@ -122,8 +122,7 @@ def test_mini_matrix_computes_each_cell_once_and_stores_every_alias(project):
         "shots": {"k_normal": [1, 2], "k_abnormal": [0, 1]}, "seeds": [0], "training": {"profile": "smoke", "seeds": [0]}})
     prepare_dataset("mini-texture", version=False)
     run_config = write_effective_config(config)
-    step_features("mini-texture", config=run_config, out=feature_stamp(config.results, config.backbone,
-                                                                       "mini-texture"), threads=1)
+    step_features(["mini-texture"], config=run_config, out=features_job(config.results, config.backbone), threads=1)
     backbone_dim = Evaluator(config, "knn-normal", "-", "mini-texture", root / config.results).backbone.dim
     # Any head will do: the aliases hold for every weight; an untrained checkpoint saves training here.
     nagl = create_method("nagl", dim=backbone_dim, proxies=4, seed=5)

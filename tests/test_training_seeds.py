@@ -71,8 +71,8 @@ def prepared(project):
     run_config = write_effective_config(config)
     for name in ("seed-source", "seed-target"):
         prepare_dataset(name, version=False)
-        step_features(name, config=run_config, out=paths.feature_stamp(config.results, config.backbone, name),
-                      threads=1)
+    step_features(["seed-source", "seed-target"], config=run_config,
+                  out=paths.features_job(config.results, config.backbone), threads=1)
     return root, config
 
 

@@ -234,7 +234,11 @@ def test_dry_run_of_a_tiny_config_has_the_union_sources(workspace):
     inputs = {line.split("models/nagl/effnet-lite0/")[1].split("/")[0]: block.split("input: ")[1].split("\n")[0]
               for block in train_blocks for line in block.splitlines() if line.strip().startswith("output:")}
     assert set(inputs) == {"uni-a", "uni-b", "uni-c", "all-but-uni-a", "all-but-uni-c", "all-sources"}
-    stamps = {name: str(paths.feature_stamp("results", "effnet-lite0", name)) for name in ("uni-a", "uni-b", "uni-c")}
-    assert sorted(inputs["all-sources"].split(", ")) == sorted(stamps[n] for n in ("uni-a", "uni-b", "uni-c"))
-    assert sorted(inputs["all-but-uni-a"].split(", ")) == sorted(stamps[n] for n in ("uni-b", "uni-c"))
-    assert inputs["uni-b"] == stamps["uni-b"]
+    # A train job reads the manifests and the feature stamps of every member, and nothing else.
+    def member_inputs(*names):
+        return sorted([str(paths.dataset_manifest(n)) for n in names]
+                      + [str(paths.feature_stamp("results", "effnet-lite0", n)) for n in names])
+
+    assert sorted(inputs["all-sources"].split(", ")) == member_inputs("uni-a", "uni-b", "uni-c")
+    assert sorted(inputs["all-but-uni-a"].split(", ")) == member_inputs("uni-b", "uni-c")
+    assert sorted(inputs["uni-b"].split(", ")) == member_inputs("uni-b")

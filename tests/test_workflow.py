@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from concurrent_reader import Reader
 
 from nagl import paths
 from nagl.config import load_config
+from nagl.data.layout import read_manifest
 from nagl.errors import NaglError
 from nagl.results.query import query
 
@@ -200,3 +202,32 @@ def test_miniature_matrix_end_to_end_and_resume(project, umask_022):
     assert finished_run.returncode == 0, finished_run.stderr[-3000:]
     assert len(_run_ids(db)) == EXPECTED_CELLS * 3 // 2
     assert not list((root / "results").glob(".benchmark.duckdb.*.tmp*"))
+
+
+def test_a_new_dataset_extracts_only_its_features_and_reruns_nothing_of_the_others(project):
+    """One features job covers every dataset; adding a target reruns it, but the images already
+    cached are not computed again, and the existing datasets' stamps are rewritten unchanged, so
+    Snakemake (checksums of small inputs) reruns nothing downstream of them: no retraining."""
+    root = project(MINI_REGISTRY)
+    base = {"methods": ["nagl"], "sources": ["mini-texture"], "seeds": [0],
+            "shots": {"k_normal": [1], "k_abnormal": [1]}}
+    first = _nagl(root, "run", "--config", str(_write_config(root, **base, targets=["mini-texture"])), "--cores", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    stamp = root / paths.feature_stamp("results", "effnet-lite0", "mini-texture")
+    model = root / paths.model_file("results", "nagl", "effnet-lite0", "mini-texture", 0)
+    summary = root / paths.features_job("results", "effnet-lite0")
+    stamp_text, model_mtime = stamp.read_text(), model.stat().st_mtime_ns
+    assert json.loads(summary.read_text())["computed"] == len(read_manifest(root / "datasets" / "mini-texture"))
+
+    grown = _nagl(root, "run", "--config",
+                  str(_write_config(root, **base, targets=["mini-texture", "mini-medical"])), "--cores", "2")
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    done = json.loads(summary.read_text())
+    images = {name: len(read_manifest(root / "datasets" / name)) for name in ("mini-texture", "mini-medical")}
+    assert done["datasets"] == images
+    assert done["computed"] == images["mini-medical"]  # only the new dataset's images went through the backbone
+    assert stamp.read_text() == stamp_text and stamp.stat().st_mtime_ns > model_mtime  # rewritten, same bytes
+    assert model.stat().st_mtime_ns == model_mtime  # the checkpoint was not retrained
+    with duckdb.connect(str(root / "results" / "benchmark.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT DISTINCT target FROM runs ORDER BY 1").fetchall() == [("mini-medical",),
+                                                                                         ("mini-texture",)]

@@ -60,34 +60,47 @@ def _train_seed(text: str) -> int | None:
 
 @step_app.command("features")
 def step_features(
-    dataset: str = typer.Argument(..., help="dataset name"),
+    datasets: list[str] = typer.Argument(..., help="dataset names"),
     config: Path = typer.Option(..., help="run config (JSON, written by the workflow)"),
-    out: Path = typer.Option(..., help="summary JSON to write when done"),
+    out: Path = typer.Option(..., help="the job's summary JSON (what was computed, how fast), written last"),
     threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
-    """Compute the patch features of every image of DATASET into the feature cache: the default
-    grid, and the union of the levels the config's methods read."""
+    """Compute the patch features of every image of DATASETS into the feature cache: the default
+    grid, and the union of the levels the config's methods read; then write each dataset's stamp.
+
+    One process for every dataset, so the interpreter, torch and the backbone's weights are loaded
+    once. A stamp holds what the features depend on (backbone, levels, the images' hashes), the
+    same bytes for the same inputs; timings go to OUT.
+    """
     from nagl.config import read_effective_config
     from nagl.data.layout import read_manifest
     from nagl.data.prepare import dataset_path
     from nagl.evaluate import feature_cache
-    from nagl.io import atomic_write_json
+    from nagl.io import atomic_write_json, stable_hash
     from nagl.methods import feature_levels
     from nagl.models.backbones import create_backbone, describe_backbone
+    from nagl.paths import feature_stamp
 
     _threads(threads)
     settings = read_effective_config(config)
     backbone = create_backbone(settings.backbone, settings.image_size)
     levels = feature_levels(settings.methods, backbone)
-    manifest = read_manifest(dataset_path(dataset))
-    cache = feature_cache(backbone)
+    manifests = {name: read_manifest(dataset_path(name)) for name in datasets}
+    images = [(dataset_path(name) / path, sha) for name, manifest in manifests.items()
+              for path, sha in zip(manifest["image_path"], manifest["image_sha256"], strict=True)]
     start = time.perf_counter()
-    computed = cache.ensure([dataset_path(dataset) / p for p in manifest["image_path"]],
-                            list(manifest["image_sha256"]), levels=levels)
+    computed = feature_cache(backbone).ensure([path for path, _ in images], [sha for _, sha in images],
+                                              levels=levels)
     seconds = time.perf_counter() - start
-    atomic_write_json(out, {"dataset": dataset, "backbone_identity": backbone.identity,
-                            "backbone": describe_backbone(backbone), "levels": list(levels),
-                            "images": len(manifest), "computed": computed, "seconds": seconds,
+    for name, manifest in manifests.items():
+        atomic_write_json(feature_stamp(settings.results, settings.backbone, name), {
+            "dataset": name, "backbone_identity": backbone.identity, "backbone": describe_backbone(backbone),
+            "levels": list(levels), "images": len(manifest),
+            "images_hash": stable_hash(sorted([str(path), str(sha)] for path, sha in
+                                              zip(manifest["image_path"], manifest["image_sha256"], strict=True)))})
+    atomic_write_json(out, {"datasets": {name: len(manifest) for name, manifest in manifests.items()},
+                            "backbone_identity": backbone.identity, "levels": list(levels),
+                            "images": len(images), "computed": computed, "seconds": seconds,
                             "images_per_second": computed / seconds if computed else None})
 
 

@@ -40,6 +40,10 @@ def feature_stamp_pattern(dataset="{dataset}"):
     return str(paths.feature_stamp(RESULTS, BACKBONE, dataset))
 
 
+def features_job_pattern():
+    return str(paths.features_job(RESULTS, BACKBONE))
+
+
 def model_pattern(method="{method}", source="{source}", train_seed="{train_seed}"):
     return str(paths.model_file(RESULTS, method, BACKBONE, source, train_seed))
 
@@ -63,11 +67,19 @@ def evaluation_targets(wildcards):
     return RUN.evaluation_groups()[(wildcards.method, wildcards.source, seed)]
 
 
+def features_ready(datasets):
+    """The datasets' feature stamps as inputs that order a job after the features job but
+    never make it rerun: the one features job rewrites every stamp (unchanged) when any
+    dataset is added or changed. What the features depend on reaches the job through the
+    datasets' manifests (listed beside), the rule's params and the backbone in the paths."""
+    return [ancient(feature_stamp_pattern(dataset)) for dataset in datasets]
+
+
 def evaluate_inputs(wildcards):
     targets = evaluation_targets(wildcards)
     inputs = {
         "manifests": [manifest_pattern(target) for target in targets],
-        "features": [feature_stamp_pattern(target) for target in targets],
+        "features": features_ready(targets),
     }
     if wildcards.source != "-":
         inputs["model"] = model_pattern(wildcards.method, wildcards.source, wildcards.train_seed)
@@ -75,8 +87,9 @@ def evaluate_inputs(wildcards):
 
 
 def train_inputs(wildcards):
-    """The features of every dataset of the source (several for a union source)."""
-    return [feature_stamp_pattern(dataset) for dataset in RUN.source_datasets(wildcards.source)]
+    """The manifests and features of every dataset of the source (several for a union source)."""
+    datasets = RUN.source_datasets(wildcards.source)
+    return {"manifests": [manifest_pattern(dataset) for dataset in datasets], "features": features_ready(datasets)}
 
 
 def evaluation_jobs():

@@ -6,7 +6,7 @@
 
 rule train:
     input:
-        features=train_inputs,
+        unpack(train_inputs),
     output:
         model_pattern(),
     params:
