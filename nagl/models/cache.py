@@ -173,7 +173,9 @@ class FeatureCache:
             what = f" (levels {', '.join(levels)})" if levels else ""
             raise NaglError(f"{len(absent)} of {len(sha256s)} images have no cached features{what} for backbone "
                             f"{self.backbone.identity} in {self.directory} (first: {absent[0]}); compute "
-                            f"them first with FeatureCache.ensure (the feature-extraction step)")
+                            f"them first with FeatureCache.ensure. In the workflow (the cache was cleared or "
+                            f"moved): delete the features job's summary <results>/features/{self.backbone.name}"
+                            f".json and run again; the job recomputes only what the cache lacks")
 
     def _read(self, path: Path, sha: str) -> np.ndarray:
         if not path.is_file():
