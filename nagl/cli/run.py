@@ -86,19 +86,19 @@ def step_features(
     backbone = create_backbone(settings.backbone, settings.image_size)
     levels = feature_levels(settings.methods, backbone)
     manifests = {name: read_manifest(dataset_path(name)) for name in datasets}
-    images = [(dataset_path(name) / path, sha) for name, manifest in manifests.items()
-              for path, sha in zip(manifest["image_path"], manifest["image_sha256"], strict=True)]
+    listed = {name: [(str(path), str(sha)) for path, sha in
+                     zip(manifest["image_path"], manifest["image_sha256"], strict=True)]
+              for name, manifest in manifests.items()}
+    images = [(dataset_path(name) / path, sha) for name, pairs in listed.items() for path, sha in pairs]
     start = time.perf_counter()
     computed = feature_cache(backbone).ensure([path for path, _ in images], [sha for _, sha in images],
                                               levels=levels)
     seconds = time.perf_counter() - start
-    for name, manifest in manifests.items():
+    for name, pairs in listed.items():
         atomic_write_json(feature_stamp(settings.results, settings.backbone, name), {
             "dataset": name, "backbone_identity": backbone.identity, "backbone": describe_backbone(backbone),
-            "levels": list(levels), "images": len(manifest),
-            "images_hash": stable_hash(sorted([str(path), str(sha)] for path, sha in
-                                              zip(manifest["image_path"], manifest["image_sha256"], strict=True)))})
-    atomic_write_json(out, {"datasets": {name: len(manifest) for name, manifest in manifests.items()},
+            "levels": list(levels), "images": len(pairs), "images_hash": stable_hash(sorted(pairs))})
+    atomic_write_json(out, {"datasets": {name: len(pairs) for name, pairs in listed.items()},
                             "backbone_identity": backbone.identity, "levels": list(levels),
                             "images": len(images), "computed": computed, "seconds": seconds,
                             "images_per_second": computed / seconds if computed else None})
